@@ -1,0 +1,9 @@
+//! Backing chains: opening the files a top image names, reading through them, and the
+//! QEMU-compatible image locks held while mounted.
+
+pub mod lock;
+pub mod open;
+pub mod read;
+
+pub use open::{Chain, Layer, LayerKind};
+pub use read::{Disk, Resolved};

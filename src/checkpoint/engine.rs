@@ -1,0 +1,193 @@
+//! Answers about since-sets over byte ranges: is a block changed, where is the next change
+//! (SEEK_DATA/SEEK_HOLE), the bytes of bitmap.bin, the extents list and changed_bytes. Chunks
+//! come from the cache; nothing scans the whole disk unless the question needs it.
+
+use super::cache::ChunkCache;
+use super::model::Model;
+use super::since::{self, Bits, CHUNK_BLOCKS};
+use crate::chain::Disk;
+use crate::error::{Error, ErrorKind, Result};
+use crate::qcow2::Table;
+use std::sync::{Arc, OnceLock};
+
+type Cached<T> = OnceLock<std::result::Result<T, (ErrorKind, String)>>;
+
+pub struct Engine {
+    pub model: Arc<Model>,
+    pub current: Disk,
+    pub cache: ChunkCache,
+    extents: Vec<Cached<Arc<str>>>,
+    changed: Vec<Cached<u64>>,
+}
+
+fn keep<T: Clone>(cell: &Cached<T>, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    cell.get_or_init(|| f().map_err(|e| (e.kind, e.to_string())))
+        .clone()
+        .map_err(|(k, m)| Error::new(k, m))
+}
+
+impl Engine {
+    pub fn new(model: Arc<Model>, cache_bytes: u64) -> Engine {
+        let n = model.checkpoints.len();
+        let current = Disk::new(model.chain.clone(), 0, Table::Active);
+        Engine {
+            model,
+            current,
+            cache: ChunkCache::new(cache_bytes),
+            extents: (0..n).map(|_| OnceLock::new()).collect(),
+            changed: (0..n).map(|_| OnceLock::new()).collect(),
+        }
+    }
+
+    pub fn granularity(&self, ci: usize) -> u64 {
+        self.model.checkpoints[ci].granularity.max(1)
+    }
+
+    pub fn total_blocks(&self, ci: usize) -> u64 {
+        self.model.blocks(&self.model.checkpoints[ci])
+    }
+
+    fn check_valid(&self, ci: usize) -> Result<()> {
+        match &self.model.checkpoints[ci].invalid {
+            Some(r) => Err(Error::new(ErrorKind::InvalidCheckpoint, r.clone())),
+            None => Ok(()),
+        }
+    }
+
+    pub fn chunk(&self, ci: usize, k: u64) -> Result<Arc<Bits>> {
+        self.check_valid(ci)?;
+        let c = &self.model.checkpoints[ci];
+        let total = self.total_blocks(ci);
+        self.cache.get(ci, k, || {
+            since::compute_chunk(&self.model.chain, c, total, k)
+        })
+    }
+
+    /// Is block `b` of checkpoint `ci` changed?
+    pub fn block_changed(&self, ci: usize, b: u64) -> Result<bool> {
+        let chunk = self.chunk(ci, b / CHUNK_BLOCKS)?;
+        let i = b % CHUNK_BLOCKS;
+        Ok(chunk[(i / 64) as usize] >> (i % 64) & 1 != 0)
+    }
+
+    /// The first block at or after `b` whose state is `want` (changed or not), or None.
+    pub fn next_block(&self, ci: usize, b: u64, want: bool) -> Result<Option<u64>> {
+        let total = self.total_blocks(ci);
+        let mut b = b;
+        while b < total {
+            let k = b / CHUNK_BLOCKS;
+            let chunk = self.chunk(ci, k)?;
+            let base = k * CHUNK_BLOCKS;
+            let mut i = b - base;
+            while i < CHUNK_BLOCKS && base + i < total {
+                let w = (i / 64) as usize;
+                let word = if want { chunk[w] } else { !chunk[w] } >> (i % 64);
+                if word != 0 {
+                    let found = base + i + u64::from(word.trailing_zeros());
+                    return Ok((found < total).then_some(found));
+                }
+                i = (i / 64 + 1) * 64;
+            }
+            b = base + CHUNK_BLOCKS;
+        }
+        Ok(None)
+    }
+
+    /// Runs of changed blocks intersecting byte range [off, off+len): (start, end) in bytes,
+    /// clipped to the range and to the disk size.
+    pub fn changed_runs(&self, ci: usize, off: u64, len: u64) -> Result<Vec<(u64, u64)>> {
+        let g = self.granularity(ci);
+        let size = self.model.disk_size();
+        let end = (off + len).min(size);
+        let mut out = Vec::new();
+        let mut b = off / g;
+        while b * g < end {
+            let Some(s) = self.next_block(ci, b, true)? else {
+                break;
+            };
+            if s * g >= end {
+                break;
+            }
+            let e = self
+                .next_block(ci, s, false)?
+                .unwrap_or_else(|| self.total_blocks(ci));
+            out.push(((s * g).max(off), (e * g).min(end)));
+            b = e;
+        }
+        Ok(out)
+    }
+
+    /// Read changed.img: current data in changed blocks, zeros elsewhere.
+    pub fn read_changed(&self, ci: usize, off: u64, buf: &mut [u8]) -> Result<()> {
+        buf.fill(0);
+        for (s, e) in self.changed_runs(ci, off, buf.len() as u64)? {
+            let a = (s - off) as usize;
+            let b = (e - off) as usize;
+            self.current.read(s, &mut buf[a..b])?;
+        }
+        Ok(())
+    }
+
+    /// bitmap.bin length in bytes.
+    pub fn bitmap_len(&self, ci: usize) -> u64 {
+        self.total_blocks(ci).div_ceil(8)
+    }
+
+    /// Read bitmap.bin bytes at `off`.
+    pub fn read_bitmap(&self, ci: usize, off: u64, buf: &mut [u8]) -> Result<()> {
+        let chunk_bytes = CHUNK_BLOCKS / 8;
+        let mut pos = 0usize;
+        while pos < buf.len() {
+            let at = off + pos as u64;
+            let k = at / chunk_bytes;
+            let chunk = self.chunk(ci, k)?;
+            let in_chunk = at % chunk_bytes;
+            let n = ((chunk_bytes - in_chunk) as usize).min(buf.len() - pos);
+            for j in 0..n {
+                let byte_idx = in_chunk as usize + j;
+                buf[pos + j] = (chunk[byte_idx / 8] >> ((byte_idx % 8) * 8)) as u8;
+            }
+            pos += n;
+        }
+        Ok(())
+    }
+
+    /// Bytes of granularity blocks changed since checkpoint `ci` (as virsh --size reports).
+    pub fn changed_bytes(&self, ci: usize) -> Result<u64> {
+        keep(&self.changed[ci], || {
+            let mut blocks = 0;
+            let chunks = self.total_blocks(ci).div_ceil(CHUNK_BLOCKS);
+            for k in 0..chunks {
+                blocks += since::count(&*self.chunk(ci, k)?);
+            }
+            Ok(blocks * self.granularity(ci))
+        })
+    }
+
+    /// The extents file: "OFFSET LENGTH" per changed run, "OFFSET LENGTH zero" for runs the
+    /// metadata knows to read as zeros now.
+    pub fn extents(&self, ci: usize) -> Result<Arc<str>> {
+        keep(&self.extents[ci], || {
+            let size = self.model.disk_size();
+            let mut runs: Vec<(u64, u64, bool)> = Vec::new();
+            for (s, e) in self.changed_runs(ci, 0, size)? {
+                let mut at = s;
+                while at < e {
+                    let (r, n) = self.current.resolve(at, e - at)?;
+                    let n = n.max(1);
+                    let zero = r.known_zero();
+                    match runs.last_mut() {
+                        Some(last) if last.0 + last.1 == at && last.2 == zero => last.1 += n,
+                        _ => runs.push((at, n, zero)),
+                    }
+                    at += n;
+                }
+            }
+            let mut out = String::new();
+            for (o, l, z) in runs {
+                out.push_str(&format!("{o} {l}{}\n", if z { " zero" } else { "" }));
+            }
+            Ok(Arc::from(out))
+        })
+    }
+}

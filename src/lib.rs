@@ -1,0 +1,16 @@
+//! ckptfs: mount a qcow2 backing chain offline and see its checkpoints as files.
+//!
+//! - [`qcow2`]: the format, one parser per on-disk structure, and an open image.
+//! - [`chain`]: backing chains, reads through them, QEMU-compatible locks.
+//! - [`checkpoint`]: the checkpoint model, since-sets and their cache, renderings.
+//! - [`fs`]: the mounted tree (a testable core and a thin fuser adapter).
+//! - [`cli`]: command line, options, daemonizing, `ckptfs ls`.
+
+pub mod chain;
+pub mod checkpoint;
+pub mod cli;
+pub mod error;
+pub mod fs;
+pub mod qcow2;
+
+pub use error::{Error, ErrorKind, Result};

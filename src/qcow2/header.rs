@@ -1,0 +1,482 @@
+//! The qcow2 header, its extensions and the refuse list (docs/interop/qcow2.rst, "Header").
+//! `Header::parse` takes the bytes of cluster 0 (or as much of the file as exists) and the file
+//! length, and returns a header whose table offsets have been checked against both.
+
+use super::bytes::{slice_at, u32_at, u64_at};
+use crate::error::{Error, Result};
+
+pub const MAGIC: u32 = 0x5146_49fb;
+
+pub const INCOMPAT_DIRTY: u64 = 1 << 0;
+pub const INCOMPAT_CORRUPT: u64 = 1 << 1;
+pub const INCOMPAT_DATA_FILE: u64 = 1 << 2;
+pub const INCOMPAT_COMPRESSION: u64 = 1 << 3;
+pub const INCOMPAT_EXTL2: u64 = 1 << 4;
+const INCOMPAT_KNOWN: u64 = 0x1f;
+
+pub const AUTOCLEAR_BITMAPS: u64 = 1 << 0;
+
+const EXT_END: u32 = 0;
+const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
+const EXT_FEATURE_NAMES: u32 = 0x6803_f857;
+const EXT_BITMAPS: u32 = 0x2385_2875;
+const EXT_CRYPTO: u32 = 0x0537_be77;
+const EXT_DATA_FILE: u32 = 0x4441_5441;
+
+/// Largest L1 table QEMU opens (QCOW_MAX_L1_SIZE, 32 MiB).
+const MAX_L1_BYTES: u64 = 32 << 20;
+/// Largest refcount table QEMU opens (QCOW_MAX_REFTABLE_SIZE, 8 MiB).
+const MAX_REFTABLE_BYTES: u64 = 8 << 20;
+/// QEMU's limit on internal snapshots.
+pub const MAX_SNAPSHOTS: u32 = 65536;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CompressionType {
+    Deflate,
+    Zstd,
+}
+
+/// The bitmaps extension: where the bitmap directory is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BitmapsExt {
+    pub nb_bitmaps: u32,
+    pub bitmap_directory_size: u64,
+    pub bitmap_directory_offset: u64,
+}
+
+/// A parsed and checked qcow2 header. Field names follow the spec.
+#[derive(Debug, Clone)]
+pub struct Header {
+    pub version: u32,
+    pub backing_file_offset: u64,
+    pub backing_file_size: u32,
+    pub cluster_bits: u32,
+    pub size: u64,
+    pub crypt_method: u32,
+    pub l1_size: u32,
+    pub l1_table_offset: u64,
+    pub refcount_table_offset: u64,
+    pub refcount_table_clusters: u32,
+    pub nb_snapshots: u32,
+    pub snapshots_offset: u64,
+    pub incompatible_features: u64,
+    pub compatible_features: u64,
+    pub autoclear_features: u64,
+    pub refcount_order: u32,
+    pub header_length: u32,
+    pub compression_type: CompressionType,
+    /// The backing file name as written in the image.
+    pub backing_file: Option<String>,
+    /// The backing-format extension, if present.
+    pub backing_format: Option<String>,
+    pub bitmaps: Option<BitmapsExt>,
+}
+
+impl Header {
+    pub fn cluster_size(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+
+    pub fn extended_l2(&self) -> bool {
+        self.incompatible_features & INCOMPAT_EXTL2 != 0
+    }
+
+    /// Parse and check the header. `buf` holds the start of the file (at least the first
+    /// cluster if the file is that long); `file_len` is the file's length.
+    pub fn parse(buf: &[u8], file_len: u64) -> Result<Header> {
+        if buf.is_empty() {
+            return Err(Error::invalid("empty file, not a qcow2 image"));
+        }
+        if buf.len() < 4 || u32_at(buf, 0, "magic")? != MAGIC {
+            return Err(Error::invalid("not a qcow2 image (no QFI\\xfb magic)"));
+        }
+        if buf.len() < 72 {
+            return Err(Error::corrupt(format!(
+                "truncated: qcow2 header needs 72 bytes, file has {}",
+                buf.len()
+            )));
+        }
+        let version = u32_at(buf, 4, "version")?;
+        if version != 2 && version != 3 {
+            return Err(Error::unsupported(format!(
+                "qcow2 version {version} (only 2 and 3 exist)"
+            )));
+        }
+        let cluster_bits = u32_at(buf, 20, "cluster_bits")?;
+        if !(9..=21).contains(&cluster_bits) {
+            return Err(Error::corrupt(format!(
+                "cluster_bits {cluster_bits} outside 9..21 (512 B to 2 MiB clusters)"
+            )));
+        }
+        let cluster_size = 1u64 << cluster_bits;
+        let mut h = Header {
+            version,
+            backing_file_offset: u64_at(buf, 8, "backing_file_offset")?,
+            backing_file_size: u32_at(buf, 16, "backing_file_size")?,
+            cluster_bits,
+            size: u64_at(buf, 24, "size")?,
+            crypt_method: u32_at(buf, 32, "crypt_method")?,
+            l1_size: u32_at(buf, 36, "l1_size")?,
+            l1_table_offset: u64_at(buf, 40, "l1_table_offset")?,
+            refcount_table_offset: u64_at(buf, 48, "refcount_table_offset")?,
+            refcount_table_clusters: u32_at(buf, 56, "refcount_table_clusters")?,
+            nb_snapshots: u32_at(buf, 60, "nb_snapshots")?,
+            snapshots_offset: u64_at(buf, 64, "snapshots_offset")?,
+            incompatible_features: 0,
+            compatible_features: 0,
+            autoclear_features: 0,
+            refcount_order: 4,
+            header_length: 72,
+            compression_type: CompressionType::Deflate,
+            backing_file: None,
+            backing_format: None,
+            bitmaps: None,
+        };
+        if version == 3 {
+            if buf.len() < 104 {
+                return Err(Error::corrupt(format!(
+                    "truncated: qcow2 v3 header needs 104 bytes, file has {}",
+                    buf.len()
+                )));
+            }
+            h.incompatible_features = u64_at(buf, 72, "incompatible_features")?;
+            h.compatible_features = u64_at(buf, 80, "compatible_features")?;
+            h.autoclear_features = u64_at(buf, 88, "autoclear_features")?;
+            h.refcount_order = u32_at(buf, 96, "refcount_order")?;
+            h.header_length = u32_at(buf, 100, "header_length")?;
+            if h.header_length < 104
+                || h.header_length % 8 != 0
+                || u64::from(h.header_length) > cluster_size
+            {
+                return Err(Error::corrupt(format!(
+                    "invalid header_length {}",
+                    h.header_length
+                )));
+            }
+        }
+        h.check_features(buf)?;
+        h.check_tables(file_len)?;
+        h.parse_extensions(buf)?;
+        h.parse_backing_name(buf)?;
+        Ok(h)
+    }
+
+    fn check_features(&mut self, buf: &[u8]) -> Result<()> {
+        let unknown = self.incompatible_features & !INCOMPAT_KNOWN;
+        if unknown != 0 {
+            return Err(Error::unsupported(format!(
+                "unknown incompatible feature bits {unknown:#x}"
+            )));
+        }
+        if self.incompatible_features & INCOMPAT_DATA_FILE != 0 {
+            return Err(Error::unsupported(
+                "external data file (data_file=) images are not supported",
+            ));
+        }
+        if self.crypt_method != 0 {
+            let what = match self.crypt_method {
+                1 => "AES",
+                2 => "LUKS",
+                _ => "unknown",
+            };
+            return Err(Error::unsupported(format!(
+                "encrypted image ({what}, crypt_method {}) is not supported",
+                self.crypt_method
+            )));
+        }
+        if self.refcount_order > 6 {
+            return Err(Error::corrupt(format!(
+                "refcount_order {} > 6",
+                self.refcount_order
+            )));
+        }
+        if self.extended_l2() && self.cluster_bits < 14 {
+            return Err(Error::corrupt(
+                "extended L2 entries need clusters of at least 16 KiB",
+            ));
+        }
+        if self.incompatible_features & INCOMPAT_COMPRESSION != 0 {
+            if self.header_length < 105 {
+                return Err(Error::corrupt(
+                    "compression type bit set but header has no compression_type field",
+                ));
+            }
+            self.compression_type = match buf.get(104) {
+                Some(0) => CompressionType::Deflate,
+                Some(1) => CompressionType::Zstd,
+                Some(t) => return Err(Error::unsupported(format!("unknown compression type {t}"))),
+                None => return Err(Error::corrupt("truncated before compression_type")),
+            };
+        } else if self.header_length >= 105 && buf.get(104).copied().unwrap_or(0) != 0 {
+            return Err(Error::corrupt(
+                "compression_type set without the compression type incompatible bit",
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_tables(&self, file_len: u64) -> Result<()> {
+        let cs = self.cluster_size();
+        let entries_per_l2 = cs / if self.extended_l2() { 16 } else { 8 };
+        let bytes_per_l1 = entries_per_l2 * cs;
+        let needed = self.size.div_ceil(bytes_per_l1);
+        if u64::from(self.l1_size) < needed {
+            return Err(Error::corrupt(format!(
+                "L1 table has {} entries, virtual size {} needs {needed}",
+                self.l1_size, self.size
+            )));
+        }
+        if self.size > i64::MAX as u64 || u64::from(self.l1_size) * 8 > MAX_L1_BYTES {
+            return Err(Error::unsupported(format!(
+                "virtual size {} or L1 table of {} entries is larger than QEMU opens",
+                self.size, self.l1_size
+            )));
+        }
+        if self.l1_size > 0 {
+            check_region(
+                "L1 table",
+                self.l1_table_offset,
+                u64::from(self.l1_size) * 8,
+                cs,
+                file_len,
+            )?;
+        }
+        let rt_bytes = u64::from(self.refcount_table_clusters) * cs;
+        if rt_bytes > MAX_REFTABLE_BYTES {
+            return Err(Error::corrupt(format!(
+                "refcount table of {} clusters is larger than QEMU opens",
+                self.refcount_table_clusters
+            )));
+        }
+        if self.refcount_table_clusters == 0 {
+            return Err(Error::corrupt("image has no refcount table"));
+        }
+        check_region(
+            "refcount table",
+            self.refcount_table_offset,
+            rt_bytes,
+            cs,
+            file_len,
+        )?;
+        if self.nb_snapshots > MAX_SNAPSHOTS {
+            return Err(Error::corrupt(format!(
+                "{} internal snapshots (QEMU allows 65536)",
+                self.nb_snapshots
+            )));
+        }
+        if self.nb_snapshots > 0 {
+            check_region("snapshot table", self.snapshots_offset, 40, cs, file_len)?;
+        }
+        Ok(())
+    }
+
+    fn parse_extensions(&mut self, buf: &[u8]) -> Result<()> {
+        let mut off = self.header_length as usize;
+        let mut seen = Vec::new();
+        loop {
+            let ty = u32_at(buf, off, "header extension type")
+                .map_err(|_| Error::corrupt("header extensions run past the first cluster"))?;
+            let len = u32_at(buf, off + 4, "header extension length")? as usize;
+            if ty == EXT_END {
+                break;
+            }
+            if seen.contains(&ty) {
+                return Err(Error::corrupt(format!(
+                    "header extension {ty:#x} appears twice"
+                )));
+            }
+            seen.push(ty);
+            let data = slice_at(buf, off + 8, len, "header extension")?;
+            match ty {
+                EXT_BACKING_FORMAT => {
+                    self.backing_format = Some(string_field(data, "backing format")?)
+                }
+                EXT_BITMAPS => {
+                    if len < 24 {
+                        return Err(Error::corrupt(format!(
+                            "bitmaps extension of {len} bytes (needs 24)"
+                        )));
+                    }
+                    self.bitmaps = Some(BitmapsExt {
+                        nb_bitmaps: u32_at(data, 0, "nb_bitmaps")?,
+                        bitmap_directory_size: u64_at(data, 8, "bitmap_directory_size")?,
+                        bitmap_directory_offset: u64_at(data, 16, "bitmap_directory_offset")?,
+                    });
+                }
+                EXT_CRYPTO => {
+                    return Err(Error::unsupported(
+                        "encrypted image (full-disk-encryption extension)",
+                    ))
+                }
+                EXT_DATA_FILE => {
+                    return Err(Error::unsupported(
+                        "external data file images are not supported",
+                    ))
+                }
+                EXT_FEATURE_NAMES => {}
+                _ => {}
+            }
+            off = off
+                .checked_add(8 + len.div_ceil(8) * 8)
+                .ok_or_else(|| Error::corrupt("header extension length overflows"))?;
+        }
+        Ok(())
+    }
+
+    fn parse_backing_name(&mut self, buf: &[u8]) -> Result<()> {
+        if self.backing_file_offset == 0 {
+            return Ok(());
+        }
+        if self.backing_file_size == 0 || self.backing_file_size > 1023 {
+            return Err(Error::corrupt(format!(
+                "backing file name of {} bytes (1..1023 allowed)",
+                self.backing_file_size
+            )));
+        }
+        let end = self
+            .backing_file_offset
+            .checked_add(u64::from(self.backing_file_size));
+        if end.is_none_or(|e| e > self.cluster_size()) {
+            return Err(Error::corrupt(format!(
+                "backing file name at byte {} lies outside the first cluster",
+                self.backing_file_offset
+            )));
+        }
+        let off = self.backing_file_offset as usize;
+        let name = slice_at(
+            buf,
+            off,
+            self.backing_file_size as usize,
+            "backing file name",
+        )
+        .map_err(|_| {
+            Error::corrupt("truncated: backing file name lies past the end of the file")
+        })?;
+        self.backing_file = Some(string_field(name, "backing file name")?);
+        Ok(())
+    }
+}
+
+fn string_field(data: &[u8], what: &str) -> Result<String> {
+    String::from_utf8(data.to_vec())
+        .map_err(|_| Error::corrupt(format!("{what} is not valid UTF-8")))
+}
+
+/// Check that a metadata region is cluster aligned, does not overlap the header cluster, and
+/// starts inside the file. (QEMU writes tables partly past EOF only for the last cluster of a
+/// fresh image, and such reads return zeros, so only the start is checked against EOF.)
+pub fn check_region(
+    what: &str,
+    offset: u64,
+    len: u64,
+    cluster_size: u64,
+    file_len: u64,
+) -> Result<()> {
+    if offset % cluster_size != 0 {
+        return Err(Error::corrupt(format!(
+            "{what} offset {offset:#x} is not cluster aligned"
+        )));
+    }
+    if offset == 0 {
+        return Err(Error::corrupt(format!(
+            "{what} overlaps the header (offset 0)"
+        )));
+    }
+    if offset.checked_add(len).is_none() || offset >= file_len {
+        return Err(Error::corrupt(format!(
+            "{what} at {offset:#x} lies past the end of the file ({file_len} bytes): truncated image?"
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn minimal_v3() -> Vec<u8> {
+        let mut b = vec![0u8; 65536 * 4];
+        b[0..4].copy_from_slice(&MAGIC.to_be_bytes());
+        b[4..8].copy_from_slice(&3u32.to_be_bytes());
+        b[20..24].copy_from_slice(&16u32.to_be_bytes());
+        b[24..32].copy_from_slice(&(1u64 << 20).to_be_bytes());
+        b[36..40].copy_from_slice(&1u32.to_be_bytes());
+        b[40..48].copy_from_slice(&(3u64 << 16).to_be_bytes());
+        b[48..56].copy_from_slice(&(1u64 << 16).to_be_bytes());
+        b[56..60].copy_from_slice(&1u32.to_be_bytes());
+        b[96..100].copy_from_slice(&4u32.to_be_bytes());
+        b[100..104].copy_from_slice(&112u32.to_be_bytes());
+        b
+    }
+
+    #[test]
+    fn parses_minimal() {
+        let b = minimal_v3();
+        let h = Header::parse(&b[..65536], b.len() as u64).unwrap();
+        assert_eq!(h.cluster_size(), 65536);
+        assert_eq!(h.size, 1 << 20);
+        assert!(h.backing_file.is_none());
+    }
+
+    #[test]
+    fn refuses_bad_inputs() {
+        assert!(Header::parse(&[], 0).unwrap_err().msg.contains("empty"));
+        assert!(Header::parse(b"hello world", 11)
+            .unwrap_err()
+            .msg
+            .contains("not a qcow2"));
+        let b = minimal_v3();
+        assert!(Header::parse(&b[..50], 50)
+            .unwrap_err()
+            .msg
+            .contains("truncated"));
+        let mut u = minimal_v3();
+        u[72..80].copy_from_slice(&(1u64 << 40).to_be_bytes());
+        assert!(Header::parse(&u[..65536], u.len() as u64)
+            .unwrap_err()
+            .msg
+            .contains("unknown incompatible"));
+        let mut e = minimal_v3();
+        e[32..36].copy_from_slice(&2u32.to_be_bytes());
+        assert!(Header::parse(&e[..65536], e.len() as u64)
+            .unwrap_err()
+            .msg
+            .contains("LUKS"));
+        let mut l = minimal_v3();
+        l[40..48].copy_from_slice(&(100u64 << 16).to_be_bytes());
+        assert!(Header::parse(&l[..65536], l.len() as u64)
+            .unwrap_err()
+            .msg
+            .contains("past the end"));
+        let mut m = minimal_v3();
+        m[40..48].copy_from_slice(&((3u64 << 16) + 8).to_be_bytes());
+        assert!(Header::parse(&m[..65536], m.len() as u64)
+            .unwrap_err()
+            .msg
+            .contains("aligned"));
+        let mut o = minimal_v3();
+        o[48..56].copy_from_slice(&0u64.to_be_bytes());
+        assert!(Header::parse(&o[..65536], o.len() as u64)
+            .unwrap_err()
+            .msg
+            .contains("header"));
+    }
+
+    #[test]
+    fn walks_extensions_and_backing_name() {
+        let mut b = minimal_v3();
+        // backing format extension "qcow2", then end, then the name.
+        b[112..116].copy_from_slice(&EXT_BACKING_FORMAT.to_be_bytes());
+        b[116..120].copy_from_slice(&5u32.to_be_bytes());
+        b[120..125].copy_from_slice(b"qcow2");
+        b[8..16].copy_from_slice(&136u64.to_be_bytes());
+        b[16..20].copy_from_slice(&8u32.to_be_bytes());
+        b[136..144].copy_from_slice(b"base.img");
+        let h = Header::parse(&b[..65536], b.len() as u64).unwrap();
+        assert_eq!(h.backing_format.as_deref(), Some("qcow2"));
+        assert_eq!(h.backing_file.as_deref(), Some("base.img"));
+        // An extension whose length runs off the cluster.
+        b[116..120].copy_from_slice(&70000u32.to_be_bytes());
+        assert!(Header::parse(&b[..65536], b.len() as u64).is_err());
+    }
+}

@@ -1,0 +1,533 @@
+//! One open qcow2 file: header, L1 tables (active and per snapshot), cached L2 tables, bitmap
+//! tables and data clusters, and reads of mapped ranges. Knows nothing of backing chains:
+//! `map` answers for this layer alone ("shallow"), `chain/` walks the layers.
+
+use super::bitmaps::{self, BitmapEntry, TableEntry};
+use super::bytes::{align_up, u64_table};
+use super::compress;
+use super::header::{check_region, Header, AUTOCLEAR_BITMAPS};
+use super::l2::{l1_entry_offset, Geometry, Mapping};
+use super::snapshot::{self, SnapshotEntry};
+use crate::error::{Error, Result};
+use lru::LruCache;
+use parking_lot::{Mutex, RwLock};
+use std::fs::File;
+use std::num::NonZeroUsize;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+/// Which L1 table a lookup goes through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Table {
+    Active,
+    Snapshot(usize),
+}
+
+/// A persistent bitmap of this image, with its trust verdict.
+#[derive(Debug)]
+pub struct Bitmap {
+    pub entry: BitmapEntry,
+    /// Why the bits cannot be used, if they cannot.
+    pub distrust: Option<String>,
+    table: OnceLock<std::result::Result<Arc<[TableEntry]>, String>>,
+}
+
+/// An internal snapshot of this image.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub entry: SnapshotEntry,
+    /// The disk size at the snapshot.
+    pub size: u64,
+    l1: OnceLock<std::result::Result<Arc<[u64]>, String>>,
+}
+
+/// The bits of one bitmap data cluster.
+#[derive(Debug, Clone)]
+pub enum BitmapCluster {
+    Fill(bool),
+    Data(Arc<[u8]>),
+}
+
+/// Byte budget for this image's metadata caches.
+const L2_CACHE_BYTES: usize = 16 << 20;
+const DATA_CACHE_BYTES: usize = 8 << 20;
+
+pub struct Qcow2Image {
+    pub path: PathBuf,
+    file: File,
+    file_len: u64,
+    pub header: Header,
+    pub geo: Geometry,
+    l1: RwLock<Vec<u64>>,
+    pub bitmaps: Vec<Bitmap>,
+    pub snapshots: Vec<Snapshot>,
+    l2_cache: Mutex<LruCache<u64, Arc<[u64]>>>,
+    cluster_cache: Mutex<LruCache<u64, Arc<[u8]>>>,
+}
+
+impl std::fmt::Debug for Qcow2Image {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Qcow2Image")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Read `buf.len()` bytes at `off`, zero-filling what lies past the end of the file
+/// (QEMU's file driver does the same).
+pub fn read_exact_or_zero(file: &File, off: u64, buf: &mut [u8]) -> std::io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], off + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    buf[done..].fill(0);
+    Ok(())
+}
+
+fn cap(bytes: usize, unit: u64) -> NonZeroUsize {
+    NonZeroUsize::new((bytes / unit.max(1) as usize).max(4)).expect("at least 4")
+}
+
+impl Qcow2Image {
+    /// Open and check a qcow2 file. Errors name the file.
+    pub fn open(path: &Path, file: File) -> Result<Qcow2Image> {
+        Self::open_inner(path, file).map_err(|e| e.context(path.display()))
+    }
+
+    fn open_inner(path: &Path, file: File) -> Result<Qcow2Image> {
+        let file_len = file.metadata().map_err(|e| Error::io("stat", e))?.len();
+        let mut first = vec![0u8; file_len.min(2 << 20) as usize];
+        read_exact_or_zero(&file, 0, &mut first).map_err(|e| Error::io("read header", e))?;
+        let header = Header::parse(&first, file_len)?;
+        let geo = Geometry {
+            cluster_bits: header.cluster_bits,
+            extended: header.extended_l2(),
+        };
+        let cs = geo.cluster_size();
+        let mut img = Qcow2Image {
+            path: path.to_path_buf(),
+            file,
+            file_len,
+            l1: RwLock::new(Vec::new()),
+            bitmaps: Vec::new(),
+            snapshots: Vec::new(),
+            l2_cache: Mutex::new(LruCache::new(cap(L2_CACHE_BYTES, cs))),
+            cluster_cache: Mutex::new(LruCache::new(cap(DATA_CACHE_BYTES, cs))),
+            geo,
+            header,
+        };
+        let l1 = img.load_l1(img.header.l1_table_offset, img.header.l1_size, "L1 table")?;
+        *img.l1.get_mut() = l1;
+        img.check_overlaps()?;
+        img.load_snapshots()?;
+        img.load_bitmaps()?;
+        Ok(img)
+    }
+
+    pub fn file_len(&self) -> u64 {
+        self.file_len
+    }
+
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Virtual size of the active image.
+    pub fn size(&self) -> u64 {
+        self.header.size
+    }
+
+    /// Virtual size seen through `table`.
+    pub fn table_size(&self, table: Table) -> u64 {
+        match table {
+            Table::Active => self.header.size,
+            Table::Snapshot(i) => self.snapshots.get(i).map_or(0, |s| s.size),
+        }
+    }
+
+    fn read_meta(&self, off: u64, len: u64, what: &str) -> Result<Vec<u8>> {
+        let len = usize::try_from(len).map_err(|_| Error::corrupt(format!("{what} too large")))?;
+        let mut buf = vec![0u8; len];
+        read_exact_or_zero(&self.file, off, &mut buf)
+            .map_err(|e| Error::io(format!("read {what}"), e))?;
+        Ok(buf)
+    }
+
+    fn load_l1(&self, offset: u64, entries: u32, what: &str) -> Result<Vec<u64>> {
+        if entries == 0 {
+            return Ok(Vec::new());
+        }
+        let cs = self.geo.cluster_size();
+        check_region(what, offset, u64::from(entries) * 8, cs, self.file_len)?;
+        let l1 = u64_table(&self.read_meta(offset, u64::from(entries) * 8, what)?);
+        for (i, &e) in l1.iter().enumerate() {
+            let l2 = l1_entry_offset(e, cs).map_err(|e| e.context(format!("{what} entry {i}")))?;
+            if l2 != 0 {
+                check_region(
+                    &format!("L2 table (L1 entry {i})"),
+                    l2,
+                    cs,
+                    cs,
+                    self.file_len,
+                )?;
+            }
+        }
+        Ok(l1)
+    }
+
+    /// Refuse header-level tables that overlap each other.
+    fn check_overlaps(&self) -> Result<()> {
+        let h = &self.header;
+        let cs = self.geo.cluster_size();
+        let mut regions: Vec<(u64, u64, &str)> = vec![(0, cs, "header")];
+        if h.l1_size > 0 {
+            regions.push((h.l1_table_offset, u64::from(h.l1_size) * 8, "L1 table"));
+        }
+        regions.push((
+            h.refcount_table_offset,
+            u64::from(h.refcount_table_clusters) * cs,
+            "refcount table",
+        ));
+        if let Some(b) = h.bitmaps {
+            regions.push((
+                b.bitmap_directory_offset,
+                b.bitmap_directory_size,
+                "bitmap directory",
+            ));
+        }
+        for (i, a) in regions.iter().enumerate() {
+            for b in &regions[i + 1..] {
+                let a_end = align_up(a.0.saturating_add(a.1), cs).unwrap_or(u64::MAX);
+                let b_end = align_up(b.0.saturating_add(b.1), cs).unwrap_or(u64::MAX);
+                if a.0 < b_end && b.0 < a_end {
+                    return Err(Error::corrupt(format!("{} overlaps the {}", b.2, a.2)));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn load_snapshots(&mut self) -> Result<()> {
+        let nb = self.header.nb_snapshots;
+        if nb == 0 {
+            return Ok(());
+        }
+        // Each entry is at most 40 + 1024 + 2 * 65535 bytes; read what exists, capped.
+        let max = (u64::from(nb) * 1200).min(self.file_len - self.header.snapshots_offset);
+        let buf = self.read_meta(self.header.snapshots_offset, max, "snapshot table")?;
+        let (entries, _) = snapshot::parse_table(&buf, nb)?;
+        for e in entries {
+            let size = e.disk_size.unwrap_or(self.header.size);
+            if size > i64::MAX as u64 {
+                return Err(Error::corrupt(format!(
+                    "snapshot '{}' has disk size {size}",
+                    e.name
+                )));
+            }
+            let needed = size.div_ceil(self.geo.l2_coverage());
+            if u64::from(e.l1_size) < needed || u64::from(e.l1_size) * 8 > 32 << 20 {
+                return Err(Error::corrupt(format!(
+                    "snapshot '{}' has an L1 table of {} entries for {size} bytes",
+                    e.name, e.l1_size
+                )));
+            }
+            check_region(
+                &format!("snapshot '{}' L1 table", e.name),
+                e.l1_table_offset,
+                u64::from(e.l1_size) * 8,
+                self.geo.cluster_size(),
+                self.file_len,
+            )?;
+            self.snapshots.push(Snapshot {
+                entry: e,
+                size,
+                l1: OnceLock::new(),
+            });
+        }
+        Ok(())
+    }
+
+    fn load_bitmaps(&mut self) -> Result<()> {
+        let Some(ext) = self.header.bitmaps else {
+            return Ok(());
+        };
+        let cs = self.geo.cluster_size();
+        if ext.bitmap_directory_size > bitmaps::MAX_DIRECTORY_BYTES {
+            return Err(Error::corrupt(format!(
+                "bitmap directory of {} bytes (QEMU allows 64 MiB)",
+                ext.bitmap_directory_size
+            )));
+        }
+        check_region(
+            "bitmap directory",
+            ext.bitmap_directory_offset,
+            ext.bitmap_directory_size,
+            cs,
+            self.file_len,
+        )?;
+        let dir = self.read_meta(
+            ext.bitmap_directory_offset,
+            ext.bitmap_directory_size,
+            "bitmap directory",
+        )?;
+        let entries = bitmaps::parse_directory(&dir, ext.nb_bitmaps, cs)?;
+        let autoclear_ok = self.header.autoclear_features & AUTOCLEAR_BITMAPS != 0;
+        for entry in entries {
+            if entry.bitmap_table_size > 0 {
+                check_region(
+                    &format!("bitmap '{}' table", entry.name),
+                    entry.bitmap_table_offset,
+                    u64::from(entry.bitmap_table_size) * 8,
+                    cs,
+                    self.file_len,
+                )?;
+            }
+            let distrust = if !autoclear_ok {
+                Some(format!(
+                    "bitmaps of {} are inconsistent: the autoclear bit is clear (a program without \
+                     bitmap support wrote the image)",
+                    self.path.display()
+                ))
+            } else if entry.table_size_for(self.header.size, cs)
+                != u64::from(entry.bitmap_table_size)
+            {
+                Some(format!(
+                    "bitmap '{}' table has {} entries, the disk size needs {}",
+                    entry.name,
+                    entry.bitmap_table_size,
+                    entry.table_size_for(self.header.size, cs)
+                ))
+            } else {
+                entry.distrust()
+            };
+            self.bitmaps.push(Bitmap {
+                entry,
+                distrust,
+                table: OnceLock::new(),
+            });
+        }
+        Ok(())
+    }
+
+    fn l1_entry(&self, table: Table, idx: u64) -> Result<u64> {
+        let idx = usize::try_from(idx).map_err(|_| Error::corrupt("L1 index overflow"))?;
+        match table {
+            Table::Active => Ok(self.l1.read().get(idx).copied().unwrap_or(0)),
+            Table::Snapshot(i) => {
+                let l1 = self.snapshot_l1(i)?;
+                Ok(l1.get(idx).copied().unwrap_or(0))
+            }
+        }
+    }
+
+    fn snapshot_l1(&self, i: usize) -> Result<Arc<[u64]>> {
+        let s = self.snapshots.get(i).ok_or_else(|| {
+            Error::new(
+                crate::error::ErrorKind::NotFound,
+                format!("no snapshot {i}"),
+            )
+        })?;
+        s.l1.get_or_init(|| {
+            self.load_l1(
+                s.entry.l1_table_offset,
+                s.entry.l1_size,
+                &format!("snapshot '{}' L1 table", s.entry.name),
+            )
+            .map(Arc::from)
+            .map_err(|e| e.to_string())
+        })
+        .clone()
+        .map_err(|m| Error::corrupt(m).context(self.path.display()))
+    }
+
+    /// The raw (L1 entry) offset of the L2 table covering `l1_idx` in `table`; 0 if none.
+    pub fn l2_offset(&self, table: Table, l1_idx: u64) -> Result<u64> {
+        l1_entry_offset(self.l1_entry(table, l1_idx)?, self.geo.cluster_size())
+    }
+
+    /// The L2 table at `off` (entries; two words each with extended L2).
+    pub fn l2_table(&self, off: u64) -> Result<Arc<[u64]>> {
+        if let Some(t) = self.l2_cache.lock().get(&off) {
+            return Ok(t.clone());
+        }
+        let cs = self.geo.cluster_size();
+        let t: Arc<[u64]> = u64_table(&self.read_meta(off, cs, "L2 table")?).into();
+        self.l2_cache.lock().put(off, t.clone());
+        Ok(t)
+    }
+
+    /// Where guest offset `off` lives in this layer, and for how many bytes (at most `len`)
+    /// that answer holds. Past the virtual size of `table` the range is `Unallocated`.
+    pub fn map(&self, table: Table, off: u64, len: u64) -> Result<(Mapping, u64)> {
+        self.map_inner(table, off, len)
+            .map_err(|e| e.context(self.path.display()))
+    }
+
+    fn map_inner(&self, table: Table, off: u64, len: u64) -> Result<(Mapping, u64)> {
+        let cov = self.geo.l2_coverage();
+        let cb = self.geo.cluster_bits;
+        let l1_idx = off / cov;
+        let l2_off = self.l2_offset(table, l1_idx)?;
+        let table_end = (l1_idx + 1) * cov;
+        let max = len.min(table_end - off);
+        if l2_off == 0 {
+            return Ok((Mapping::Unallocated, max));
+        }
+        let l2 = self.l2_table(l2_off)?;
+        let words = if self.geo.extended { 2 } else { 1 };
+        let entry_at = |i: u64| -> (u64, u64) {
+            let base = (i * words) as usize;
+            let e = l2.get(base).copied().unwrap_or(0);
+            let b = if words == 2 {
+                l2.get(base + 1).copied().unwrap_or(0)
+            } else {
+                0
+            };
+            (e, b)
+        };
+        let mut idx = (off >> cb) % self.geo.l2_entries();
+        let in_off = off & (self.geo.cluster_size() - 1);
+        let (e, b) = entry_at(idx);
+        let (first, mut run) = self.check_host(self.geo.decode(e, b, in_off)?)?;
+        if matches!(first, Mapping::Compressed { .. }) {
+            return Ok((first, run.min(max)));
+        }
+        // Extend the run over following clusters that continue the same mapping.
+        let cs = self.geo.cluster_size();
+        let mut at_cluster_end = in_off + run == cs;
+        while at_cluster_end && run < max && idx + 1 < self.geo.l2_entries() {
+            idx += 1;
+            let (e, b) = entry_at(idx);
+            let (next, nrun) = self.check_host(self.geo.decode(e, b, 0)?)?;
+            let continues = match (first, next) {
+                (Mapping::Data(h0), Mapping::Data(h1)) => h1 == h0 + run,
+                (Mapping::Zero, Mapping::Zero) | (Mapping::Unallocated, Mapping::Unallocated) => {
+                    true
+                }
+                _ => false,
+            };
+            if !continues {
+                break;
+            }
+            run += nrun;
+            at_cluster_end = nrun == cs;
+        }
+        Ok((first, run.min(max)))
+    }
+
+    fn check_host(&self, (m, run): (Mapping, u64)) -> Result<(Mapping, u64)> {
+        match m {
+            Mapping::Data(h) if h >= self.file_len => Err(Error::corrupt(format!(
+                "data cluster at {h:#x} lies past the end of the file ({} bytes)",
+                self.file_len
+            ))),
+            Mapping::Data(h) if h < self.geo.cluster_size() => Err(Error::corrupt(format!(
+                "data cluster at {h:#x} overlaps the header"
+            ))),
+            Mapping::Compressed { host_off, .. }
+                if host_off >= self.file_len || host_off < self.geo.cluster_size() =>
+            {
+                Err(Error::corrupt(format!(
+                    "compressed cluster at {host_off:#x} lies outside the file's data area"
+                )))
+            }
+            _ => Ok((m, run)),
+        }
+    }
+
+    /// Read guest bytes at `off` that `map` reported as `m` (Data or Compressed) into `buf`.
+    pub fn read_mapped(&self, m: Mapping, off: u64, buf: &mut [u8]) -> Result<()> {
+        match m {
+            Mapping::Data(host) => read_exact_or_zero(&self.file, host, buf)
+                .map_err(|e| Error::io(format!("{}: read at {host:#x}", self.path.display()), e)),
+            Mapping::Compressed { host_off, len } => {
+                let cluster = self.compressed_cluster(host_off, len)?;
+                let in_off = (off & (self.geo.cluster_size() - 1)) as usize;
+                let src = cluster
+                    .get(in_off..in_off + buf.len())
+                    .ok_or_else(|| Error::corrupt("read past a compressed cluster"))?;
+                buf.copy_from_slice(src);
+                Ok(())
+            }
+            Mapping::Zero | Mapping::Unallocated => {
+                buf.fill(0);
+                Ok(())
+            }
+        }
+    }
+
+    fn compressed_cluster(&self, host_off: u64, len: u64) -> Result<Arc<[u8]>> {
+        if let Some(c) = self.cluster_cache.lock().get(&host_off) {
+            return Ok(c.clone());
+        }
+        let input = self.read_meta(host_off, len, "compressed cluster")?;
+        let mut out = vec![0u8; self.geo.cluster_size() as usize];
+        compress::decompress(self.header.compression_type, &input, &mut out)
+            .map_err(|e| e.context(format!("{}: cluster at {host_off:#x}", self.path.display())))?;
+        let out: Arc<[u8]> = out.into();
+        self.cluster_cache.lock().put(host_off, out.clone());
+        Ok(out)
+    }
+
+    /// The decoded table of bitmap `i`, loaded once.
+    pub fn bitmap_table(&self, i: usize) -> Result<Arc<[TableEntry]>> {
+        let bm = self
+            .bitmaps
+            .get(i)
+            .ok_or_else(|| Error::corrupt(format!("no bitmap {i}")))?;
+        bm.table
+            .get_or_init(|| {
+                let cs = self.geo.cluster_size();
+                let n = u64::from(bm.entry.bitmap_table_size);
+                if n == 0 {
+                    return Ok(Arc::from(Vec::new()));
+                }
+                let raw = self
+                    .read_meta(bm.entry.bitmap_table_offset, n * 8, "bitmap table")
+                    .map_err(|e| e.to_string())?;
+                u64_table(&raw)
+                    .into_iter()
+                    .map(|e| match bitmaps::decode_table_entry(e, cs)? {
+                        TableEntry::Data(off) if off >= self.file_len => {
+                            Err(Error::corrupt(format!(
+                                "bitmap '{}' data cluster {off:#x} lies past the end of the file",
+                                bm.entry.name
+                            )))
+                        }
+                        t => Ok(t),
+                    })
+                    .collect::<Result<Vec<_>>>()
+                    .map(Arc::from)
+                    .map_err(|e| format!("bitmap '{}': {}", bm.entry.name, e.msg))
+            })
+            .clone()
+            .map_err(|m| Error::corrupt(m).context(self.path.display()))
+    }
+
+    /// The bits held by table entry `idx` of bitmap `i` (one cluster's worth).
+    pub fn bitmap_cluster(&self, i: usize, idx: u64) -> Result<BitmapCluster> {
+        let table = self.bitmap_table(i)?;
+        let Some(&entry) = table.get(idx as usize) else {
+            return Ok(BitmapCluster::Fill(false));
+        };
+        match entry {
+            TableEntry::Fill(v) => Ok(BitmapCluster::Fill(v)),
+            TableEntry::Data(off) => {
+                if let Some(c) = self.cluster_cache.lock().get(&off) {
+                    return Ok(BitmapCluster::Data(c.clone()));
+                }
+                let data: Arc<[u8]> = self
+                    .read_meta(off, self.geo.cluster_size(), "bitmap data")?
+                    .into();
+                self.cluster_cache.lock().put(off, data.clone());
+                Ok(BitmapCluster::Data(data))
+            }
+        }
+    }
+}

@@ -1,0 +1,13 @@
+//! The qcow2 format: pure parsers for each on-disk structure, and `image` tying them to a file.
+//! Nothing here knows about backing chains, checkpoints or FUSE.
+
+pub mod bitmaps;
+pub mod bytes;
+pub mod compress;
+pub mod header;
+pub mod image;
+pub mod l2;
+pub mod snapshot;
+
+pub use image::{Bitmap, BitmapCluster, Qcow2Image, Snapshot, Table};
+pub use l2::Mapping;
