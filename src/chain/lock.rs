@@ -119,3 +119,12 @@ pub fn lock_chain(chain: &Chain, mode: LockMode) -> Result<ImageLocks> {
     }
     Ok(ImageLocks { _files: files })
 }
+
+/// Does another process hold write permission on `path` (a running QEMU writer)?
+pub fn writer_present(path: &Path) -> bool {
+    let Ok(file) = File::open(path) else {
+        return false;
+    };
+    ofd(&file, libc::F_OFD_GETLK, libc::F_WRLCK, HOLD + PERM_WRITE)
+        .is_ok_and(|t| t != libc::F_UNLCK)
+}

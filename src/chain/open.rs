@@ -16,7 +16,7 @@ const MAX_DEPTH: usize = 1000;
 /// What a layer is stored as.
 #[derive(Debug)]
 pub enum LayerKind {
-    Qcow2(Qcow2Image),
+    Qcow2(Box<Qcow2Image>),
     /// A raw file: virtual size is the file size rounded up to 512 bytes.
     Raw {
         file: File,
@@ -33,6 +33,8 @@ pub struct Layer {
     /// The backing name as written in this image, and the format it names.
     pub backing_name: Option<String>,
     pub backing_format: Option<String>,
+    /// Guest bytes read from this layer (for stats.json).
+    pub bytes_read: std::sync::atomic::AtomicU64,
 }
 
 impl Layer {
@@ -81,6 +83,8 @@ impl Layer {
     }
 
     pub fn read_mapped(&self, m: Mapping, off: u64, buf: &mut [u8]) -> Result<()> {
+        self.bytes_read
+            .fetch_add(buf.len() as u64, std::sync::atomic::Ordering::Relaxed);
         match &self.kind {
             LayerKind::Qcow2(q) => q.read_mapped(m, off, buf),
             LayerKind::Raw { file, .. } => read_exact_or_zero(file, off, buf)
@@ -192,9 +196,10 @@ impl Chain {
                 let backing_format = q.header.backing_format.clone();
                 Layer {
                     path: path.clone(),
-                    kind: LayerKind::Qcow2(q),
+                    kind: LayerKind::Qcow2(Box::new(q)),
                     backing_name,
                     backing_format,
+                    bytes_read: Default::default(),
                 }
             } else {
                 let size = meta.len().div_ceil(512) * 512;
@@ -203,6 +208,7 @@ impl Chain {
                     kind: LayerKind::Raw { file, size },
                     backing_name: None,
                     backing_format: None,
+                    bytes_read: Default::default(),
                 }
             };
             let backing = layer.backing_name.clone();

@@ -10,7 +10,8 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::qcow2::Table;
 use std::sync::{Arc, OnceLock};
 
-type Cached<T> = OnceLock<std::result::Result<T, (ErrorKind, String)>>;
+/// A value computed once, remembering an error as well as a success.
+pub type Cached<T> = OnceLock<std::result::Result<T, (ErrorKind, String)>>;
 
 pub struct Engine {
     pub model: Arc<Model>,
@@ -20,7 +21,8 @@ pub struct Engine {
     changed: Vec<Cached<u64>>,
 }
 
-fn keep<T: Clone>(cell: &Cached<T>, f: impl FnOnce() -> Result<T>) -> Result<T> {
+/// The value in `cell`, computing it with `f` the first time.
+pub fn keep<T: Clone>(cell: &Cached<T>, f: impl FnOnce() -> Result<T>) -> Result<T> {
     cell.get_or_init(|| f().map_err(|e| (e.kind, e.to_string())))
         .clone()
         .map_err(|(k, m)| Error::new(k, m))

@@ -1,1 +1,8 @@
-//! The mounted tree.
+//! The mounted tree: a fixed inode table, a core that answers requests with plain types, and a
+//! thin fuser adapter.
+
+pub mod handlers;
+pub mod ops;
+pub mod tree;
+
+pub use ops::{Attr, FsCore, MountInfo};

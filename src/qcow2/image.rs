@@ -64,6 +64,8 @@ pub struct Qcow2Image {
     pub snapshots: Vec<Snapshot>,
     l2_cache: Mutex<LruCache<u64, Arc<[u64]>>>,
     cluster_cache: Mutex<LruCache<u64, Arc<[u8]>>>,
+    /// Compressed clusters decompressed so far (for stats.json).
+    pub decompressed: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Qcow2Image {
@@ -119,6 +121,7 @@ impl Qcow2Image {
             snapshots: Vec::new(),
             l2_cache: Mutex::new(LruCache::new(cap(L2_CACHE_BYTES, cs))),
             cluster_cache: Mutex::new(LruCache::new(cap(DATA_CACHE_BYTES, cs))),
+            decompressed: Default::default(),
             geo,
             header,
         };
@@ -470,6 +473,8 @@ impl Qcow2Image {
         let mut out = vec![0u8; self.geo.cluster_size() as usize];
         compress::decompress(self.header.compression_type, &input, &mut out)
             .map_err(|e| e.context(format!("{}: cluster at {host_off:#x}", self.path.display())))?;
+        self.decompressed
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let out: Arc<[u8]> = out.into();
         self.cluster_cache.lock().put(host_off, out.clone());
         Ok(out)

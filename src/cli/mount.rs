@@ -1,0 +1,245 @@
+//! The mount command: check everything while the caller's terminal still sees errors, then
+//! fork (before any thread exists), mount in the child and report success or the error text
+//! to the waiting parent through a pipe. SIGTERM/SIGINT/SIGHUP unmount cleanly.
+
+use super::options::MountOptions;
+use super::setup;
+use crate::chain::lock::{self, LockMode};
+use crate::error::{Error, ErrorKind, Result};
+use crate::fs::handlers::FuseFs;
+use crate::fs::{FsCore, MountInfo};
+use fuser::{Config, MountOption, SessionACL};
+use std::io::{Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+fn canonical(p: &Path, what: &str) -> Result<PathBuf> {
+    std::fs::canonicalize(p).map_err(|e| {
+        let kind = if e.kind() == std::io::ErrorKind::NotFound {
+            ErrorKind::NotFound
+        } else {
+            ErrorKind::Io
+        };
+        Error {
+            kind,
+            msg: format!("{}: {what}", p.display()),
+            source: Some(e),
+        }
+    })
+}
+
+fn check_mountpoint(dir: &Path) -> Result<()> {
+    let meta = std::fs::metadata(dir)
+        .map_err(|e| Error::io(format!("{}: mountpoint", dir.display()), e))?;
+    if !meta.is_dir() {
+        return Err(Error::invalid(format!(
+            "{}: mountpoint is not a directory",
+            dir.display()
+        )));
+    }
+    let mut rd = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(format!("{}: mountpoint", dir.display()), e))?;
+    if rd.next().is_some() {
+        return Err(Error::invalid(format!(
+            "{}: mountpoint is not an empty directory",
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Everything the child needs, prepared (and checked) in the parent.
+struct Prepared {
+    core: Arc<FsCore>,
+    config: Config,
+    mountpoint: PathBuf,
+    _locks: lock::ImageLocks,
+}
+
+fn prepare(image: &Path, mountpoint: &Path, o: &MountOptions) -> Result<Prepared> {
+    if o.rw {
+        return Err(Error::unsupported(
+            "-o rw: the writable restore view is not available in this version; mount read-only",
+        ));
+    }
+    let image = canonical(image, "cannot open image")?;
+    let mountpoint = canonical(mountpoint, "mountpoint does not exist")?;
+    check_mountpoint(&mountpoint)?;
+    let checkpoints = o
+        .checkpoints
+        .as_deref()
+        .map(|d| canonical(d, "checkpoint directory"))
+        .transpose()?;
+    let live = o.force_share && lock::writer_present(&image);
+    let engine = setup::engine(&image, checkpoints.as_deref(), live, o.cache_mb)?;
+    let mode = if o.force_share {
+        LockMode::ForceShare
+    } else {
+        LockMode::ReadOnly
+    };
+    let locks = lock::lock_chain(&engine.model.chain, mode).map_err(|e| {
+        if e.kind == ErrorKind::Busy {
+            Error::new(
+                ErrorKind::Busy,
+                format!(
+                    "{}\n  to read it anyway, mount with -o ro,force_share",
+                    e.msg
+                ),
+            )
+        } else {
+            e
+        }
+    })?;
+    let meta = std::fs::metadata(&image)
+        .map_err(|e| Error::io(format!("{}: stat", image.display()), e))?;
+    let info = MountInfo {
+        options: serde_json::json!({
+            "given": o.given, "rw": o.rw, "allow_other": o.allow_other,
+            "default_permissions": o.default_permissions, "force_share": o.force_share,
+            "checkpoints": checkpoints.as_ref().map(|p| p.display().to_string()),
+            "cache_mb": o.cache_mb, "live": live,
+        }),
+        uid: meta.uid(),
+        gid: meta.gid(),
+        image_mode: meta.mode(),
+        mtime: meta.modified().unwrap_or(std::time::SystemTime::UNIX_EPOCH),
+    };
+    let core = Arc::new(FsCore::new(engine, info));
+    let mut config = Config::default();
+    config.mount_options = vec![
+        MountOption::FSName(image.display().to_string()),
+        MountOption::Subtype("ckptfs".into()),
+        MountOption::RO,
+        MountOption::NoDev,
+        MountOption::NoSuid,
+    ];
+    if o.default_permissions {
+        config.mount_options.push(MountOption::DefaultPermissions);
+    }
+    config.acl = if o.allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
+    config.n_threads = Some(4);
+    config.clone_fd = true;
+    Ok(Prepared {
+        core,
+        config,
+        mountpoint,
+        _locks: locks,
+    })
+}
+
+fn block_signals() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data; the calls only initialise and install it.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+/// Mount and serve until unmounted. `ready` is called once the mount is up (or failed).
+fn serve(p: Prepared, ready: impl FnOnce(std::result::Result<(), String>)) -> Result<()> {
+    let set = block_signals();
+    let fs = FuseFs {
+        core: p.core.clone(),
+    };
+    let mut session = match fuser::Session::new(fs, &p.mountpoint, &p.config) {
+        Ok(s) => s,
+        Err(e) => {
+            let err = Error::io(format!("{}: mount failed", p.mountpoint.display()), e);
+            ready(Err(err.to_string()));
+            return Err(err);
+        }
+    };
+    let mut unmounter = session.unmount_callable();
+    std::thread::spawn(move || {
+        let mut sig = 0;
+        // SAFETY: `set` is an initialised signal set; sigwait writes the signal number.
+        unsafe { libc::sigwait(&set, &mut sig) };
+        log::info!("signal {sig}: unmounting");
+        if let Err(e) = unmounter.unmount() {
+            log::error!("unmount failed: {e}");
+        }
+    });
+    log::info!(
+        "mounted {} on {} ({} checkpoints)",
+        p.core.engine.model.chain.top().path.display(),
+        p.mountpoint.display(),
+        p.core.engine.model.checkpoints.len()
+    );
+    ready(Ok(()));
+    session.run().map_err(|e| Error::io("FUSE session", e))?;
+    log::info!("unmounted {}", p.mountpoint.display());
+    Ok(())
+}
+
+pub fn run(image: &Path, mountpoint: &Path, o: &MountOptions, foreground: bool) -> Result<()> {
+    let prepared = prepare(image, mountpoint, o)?;
+    if foreground {
+        return serve(prepared, |_| {});
+    }
+    let mut fds = [0i32; 2];
+    // SAFETY: fds is a valid 2-element array for pipe(2).
+    if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
+        return Err(Error::io("pipe", std::io::Error::last_os_error()));
+    }
+    // SAFETY: the pipe fds were just created and are owned here exactly once.
+    let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: no thread has been started yet (checked by design: prepare() is single-threaded).
+    match unsafe { libc::fork() } {
+        -1 => Err(Error::io("fork", std::io::Error::last_os_error())),
+        0 => {
+            drop(rd);
+            // SAFETY: setsid in the fresh child detaches it from the terminal's session.
+            unsafe { libc::setsid() };
+            let mut wr = std::fs::File::from(wr);
+            let r = serve(prepared, move |status| {
+                let msg = match status {
+                    Ok(()) => "OK\n".to_string(),
+                    Err(m) => format!("ERR {m}\n"),
+                };
+                let _ = wr.write_all(msg.as_bytes());
+                drop(wr);
+                redirect_stdio();
+            });
+            std::process::exit(if r.is_ok() { 0 } else { 1 });
+        }
+        _child => {
+            drop(wr);
+            let mut msg = String::new();
+            let _ = std::fs::File::from(rd).read_to_string(&mut msg);
+            match msg.strip_prefix("OK") {
+                Some(_) => Ok(()),
+                None => Err(Error::io(
+                    msg.strip_prefix("ERR ")
+                        .map_or("the daemon died before mounting", str::trim)
+                        .to_string(),
+                    std::io::Error::other("mount failed"),
+                )),
+            }
+        }
+    }
+}
+
+fn redirect_stdio() {
+    if let Ok(null) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    {
+        use std::os::fd::AsRawFd;
+        for fd in 0..3 {
+            // SAFETY: dup2 onto the standard descriptors of this process.
+            unsafe { libc::dup2(null.as_raw_fd(), fd) };
+        }
+    }
+}

@@ -1,0 +1,189 @@
+//! The fuser adapter: unpack fuser's types, call `FsCore`, reply. Errors become errnos here
+//! (through `Error::errno`) and are logged once per request.
+
+use super::ops::{Attr, FsCore};
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
+    ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs, Request,
+};
+use std::ffi::OsStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Attributes never change in a read-only mount, but a short TTL keeps stats.json honest.
+const TTL: Duration = Duration::from_secs(1);
+
+pub struct FuseFs {
+    pub core: Arc<FsCore>,
+}
+
+fn errno(op: &str, e: &crate::Error) -> Errno {
+    let n = e.errno();
+    if n == libc::EIO {
+        log::warn!("{op}: {e}");
+    } else {
+        log::debug!("{op}: {e}");
+    }
+    Errno::from_i32(n)
+}
+
+impl FuseFs {
+    fn file_attr(&self, a: &Attr) -> FileAttr {
+        let info = &self.core.info;
+        FileAttr {
+            ino: INodeNo(a.ino),
+            size: a.size,
+            blocks: a.blocks,
+            atime: info.mtime,
+            mtime: info.mtime,
+            ctime: info.mtime,
+            crtime: info.mtime,
+            kind: if a.dir {
+                FileType::Directory
+            } else {
+                FileType::RegularFile
+            },
+            perm: a.perm,
+            nlink: a.nlink,
+            uid: info.uid,
+            gid: info.gid,
+            rdev: 0,
+            blksize: 65536,
+            flags: 0,
+        }
+    }
+}
+
+impl Filesystem for FuseFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.set_max_readahead(1 << 20);
+        let _ = config.set_max_write(1 << 20);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let Some(name) = name.to_str() else {
+            return reply.error(Errno::ENOENT);
+        };
+        match self.core.lookup(parent.0, name) {
+            Ok(a) => reply.entry(&TTL, &self.file_attr(&a), Generation(0)),
+            Err(e) => reply.error(errno("lookup", &e)),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.core.getattr(ino.0) {
+            Ok(a) => reply.attr(&TTL, &self.file_attr(&a)),
+            Err(e) => reply.error(errno("getattr", &e)),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let write = flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
+        match self.core.open(ino.0, write) {
+            Ok(m) => {
+                let mut f = FopenFlags::empty();
+                if m.direct_io {
+                    f |= FopenFlags::FOPEN_DIRECT_IO;
+                }
+                if m.keep_cache {
+                    f |= FopenFlags::FOPEN_KEEP_CACHE;
+                }
+                reply.opened(FileHandle(m.fh), f)
+            }
+            Err(e) => reply.error(errno("open", &e)),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        match self.core.read(ino.0, fh.0, offset, size) {
+            Ok(d) => reply.data(&d),
+            Err(e) => reply.error(errno("read", &e)),
+        }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.core.release(fh.0);
+        reply.ok();
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        match self.core.readdir(ino.0) {
+            Ok(entries) => {
+                for (i, (child, dir, name)) in entries.iter().enumerate().skip(offset as usize) {
+                    let kind = if *dir {
+                        FileType::Directory
+                    } else {
+                        FileType::RegularFile
+                    };
+                    if reply.add(INodeNo(*child), (i + 1) as u64, kind, name) {
+                        break;
+                    }
+                }
+                reply.ok()
+            }
+            Err(e) => reply.error(errno("readdir", &e)),
+        }
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        let Ok(off) = u64::try_from(offset) else {
+            return reply.error(Errno::from_i32(libc::ENXIO));
+        };
+        match self.core.lseek(ino.0, off, whence) {
+            Ok(o) => reply.offset(o as i64),
+            Err(e) => reply.error(errno("lseek", &e)),
+        }
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let size = self.core.engine.model.disk_size();
+        reply.statfs(size.div_ceil(4096), 0, 0, 0, 0, 4096, 255, 4096);
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+}

@@ -1,0 +1,411 @@
+//! The filesystem core: plain Rust arguments in, `Result`s out, so tests can drive it without
+//! a mount. `handlers.rs` adapts it to fuser.
+
+use super::tree::{Node, Tree, ROOT};
+use crate::chain::Disk;
+use crate::checkpoint::engine::{keep, Cached};
+use crate::checkpoint::{render, Engine};
+use crate::error::{Error, ErrorKind, Result};
+use crate::qcow2::Table;
+use parking_lot::Mutex;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::SystemTime;
+
+/// Facts about the mount that attributes and info.json need.
+#[derive(Debug, Clone)]
+pub struct MountInfo {
+    /// The mount options as given, for current/info.json.
+    pub options: Value,
+    pub uid: u32,
+    pub gid: u32,
+    /// Mode bits of the top image (permissions of the tree derive from them).
+    pub image_mode: u32,
+    pub mtime: SystemTime,
+}
+
+/// Attributes of one node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attr {
+    pub ino: u64,
+    pub size: u64,
+    /// 512-byte blocks of data (honest, so `cp` uses SEEK_DATA).
+    pub blocks: u64,
+    pub dir: bool,
+    pub perm: u16,
+    pub nlink: u32,
+}
+
+/// Whence values of lseek that reach a FUSE filesystem.
+pub const SEEK_DATA: i32 = libc::SEEK_DATA;
+pub const SEEK_HOLE: i32 = libc::SEEK_HOLE;
+
+/// How an open file should be cached by the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpenMode {
+    pub fh: u64,
+    pub direct_io: bool,
+    pub keep_cache: bool,
+}
+
+const KINDS: [&str; 6] = [
+    "dir",
+    "json",
+    "disk.img",
+    "changed.img",
+    "bitmap.bin",
+    "extents",
+];
+
+#[derive(Default)]
+struct KindCounters {
+    requests: AtomicU64,
+    bytes: AtomicU64,
+}
+
+pub struct FsCore {
+    pub engine: Engine,
+    pub tree: Tree,
+    pub info: MountInfo,
+    counters: [KindCounters; 6],
+    handles: Mutex<HashMap<u64, Arc<[u8]>>>,
+    next_fh: AtomicU64,
+    generated: Vec<Cached<Arc<[u8]>>>,
+}
+
+fn not_found() -> Error {
+    Error::new(ErrorKind::NotFound, "no such file or directory")
+}
+
+impl FsCore {
+    pub fn new(engine: Engine, info: MountInfo) -> FsCore {
+        let tree = Tree::build(&engine.model);
+        let n = engine.model.checkpoints.len() * 6 + 8;
+        FsCore {
+            engine,
+            tree,
+            info,
+            counters: Default::default(),
+            handles: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            generated: (0..n).map(|_| OnceLock::new()).collect(),
+        }
+    }
+
+    fn node(&self, ino: u64) -> Result<Node> {
+        self.tree.node(ino).ok_or_else(not_found)
+    }
+
+    fn count(&self, node: Node, bytes: usize) {
+        if let Some(i) = KINDS.iter().position(|k| *k == node.kind_name()) {
+            self.counters[i].requests.fetch_add(1, Ordering::Relaxed);
+            self.counters[i]
+                .bytes
+                .fetch_add(bytes as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// The disk a disk.img node shows.
+    fn disk(&self, node: Node) -> Option<&Disk> {
+        match node {
+            Node::CurrentDisk => Some(&self.engine.current),
+            Node::CkptDisk(ci) => self.engine.model.checkpoints[ci].disk.as_ref(),
+            _ => None,
+        }
+    }
+
+    fn ckpt_ok(&self, ci: usize) -> Result<()> {
+        match &self.engine.model.checkpoints[ci].invalid {
+            Some(r) => Err(Error::new(ErrorKind::InvalidCheckpoint, r.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Generated text (JSON files, extents), cached where it cannot change.
+    fn content(&self, node: Node) -> Result<Arc<[u8]>> {
+        let make = || -> Result<Arc<[u8]>> {
+            let text: String = match node {
+                Node::CheckpointsJson => render::to_text(&render::checkpoints_json(&self.engine)),
+                Node::StatsJson => render::to_text(&self.stats_json()),
+                Node::CurrentInfo => render::to_text(&self.current_info()),
+                Node::CkptInfo(ci) => {
+                    render::to_text(&render::checkpoint_json(&self.engine, ci, true))
+                }
+                Node::CkptExtents(ci) => {
+                    self.ckpt_ok(ci)?;
+                    self.engine.extents(ci)?.to_string()
+                }
+                _ => return Err(Error::invalid("not a generated file")),
+            };
+            Ok(Arc::from(text.into_bytes()))
+        };
+        let slot = match node {
+            Node::StatsJson => return make(),
+            Node::CheckpointsJson => 0,
+            Node::CurrentInfo => 1,
+            Node::CkptInfo(ci) => 2 + ci * 2,
+            Node::CkptExtents(ci) => 3 + ci * 2,
+            _ => return make(),
+        };
+        keep(&self.generated[slot], make)
+    }
+
+    fn current_info(&self) -> Value {
+        json!({
+            "image": self.engine.model.chain.top().path.display().to_string(),
+            "virtual_size": self.engine.model.disk_size(),
+            "chain": render::chain_json(&self.engine.model.chain),
+            "mount_options": self.info.options,
+        })
+    }
+
+    pub fn stats_json(&self) -> Value {
+        let mut per_kind = serde_json::Map::new();
+        for (i, k) in KINDS.iter().enumerate() {
+            per_kind.insert(
+                k.to_string(),
+                json!({"requests": self.counters[i].requests.load(Ordering::Relaxed),
+                       "bytes": self.counters[i].bytes.load(Ordering::Relaxed)}),
+            );
+        }
+        let chain = &self.engine.model.chain;
+        let layers: Vec<Value> = chain
+            .layers
+            .iter()
+            .map(|l| {
+                json!({"file": l.path.display().to_string(),
+                       "bytes_read": l.bytes_read.load(Ordering::Relaxed),
+                       "clusters_decompressed": l.qcow2().map_or(0, |q| q.decompressed.load(Ordering::Relaxed))})
+            })
+            .collect();
+        let s = &self.engine.cache.stats;
+        json!({
+            "files": per_kind,
+            "layers": layers,
+            "clusters_decompressed": chain.layers.iter().filter_map(|l| l.qcow2()).map(|q| q.decompressed.load(Ordering::Relaxed)).sum::<u64>(),
+            "cache": {"hits": s.hits.load(Ordering::Relaxed), "misses": s.misses.load(Ordering::Relaxed),
+                      "evictions": s.evictions.load(Ordering::Relaxed)},
+            "merge_time_ms": s.merge_ns.load(Ordering::Relaxed) as f64 / 1e6,
+        })
+    }
+
+    fn disk_blocks(&self, node: Node) -> u64 {
+        let chain = &self.engine.model.chain;
+        let (from, size) = match node {
+            Node::CurrentDisk => (0, self.engine.current.size()),
+            Node::CkptDisk(ci) => match &self.engine.model.checkpoints[ci].disk {
+                Some(d) if d.table != Table::Active => {
+                    return chain.layers[d.start]
+                        .qcow2()
+                        .map_or(0, |q| q.file_len())
+                        .min(d.size())
+                        / 512
+                }
+                Some(d) => (d.start, d.size()),
+                None => return 0,
+            },
+            _ => return 0,
+        };
+        let stored: u64 = chain.layers[from..]
+            .iter()
+            .map(|l| match &l.kind {
+                crate::chain::LayerKind::Qcow2(q) => q.file_len(),
+                crate::chain::LayerKind::Raw { size, .. } => *size,
+            })
+            .sum();
+        stored.min(size).div_ceil(512)
+    }
+
+    pub fn getattr(&self, ino: u64) -> Result<Attr> {
+        let node = self.node(ino)?;
+        let ro_file = (self.info.image_mode & 0o444) as u16;
+        let dir_perm = ro_file | ((ro_file & 0o444) >> 2);
+        let mut a = Attr {
+            ino,
+            size: 0,
+            blocks: 0,
+            dir: node.is_dir(),
+            perm: ro_file,
+            nlink: 1,
+        };
+        match node {
+            Node::Root | Node::CurrentDir | Node::CkptDir(_) => {
+                a.perm = dir_perm;
+                a.nlink = 2;
+            }
+            Node::CurrentDisk | Node::CkptDisk(_) => {
+                a.size = self.disk(node).map_or(0, Disk::size);
+                a.blocks = self.disk_blocks(node);
+            }
+            Node::CkptChanged(ci) => {
+                a.size = self.engine.model.disk_size();
+                if self.ckpt_ok(ci).is_ok() {
+                    a.blocks = self
+                        .engine
+                        .changed_bytes(ci)
+                        .unwrap_or(0)
+                        .min(a.size)
+                        .div_ceil(512);
+                }
+            }
+            Node::CkptBitmap(ci) => {
+                a.size = self.engine.bitmap_len(ci);
+                a.blocks = a.size.div_ceil(512);
+            }
+            Node::CkptExtents(_)
+            | Node::CheckpointsJson
+            | Node::StatsJson
+            | Node::CurrentInfo
+            | Node::CkptInfo(_) => {
+                a.size = self.content(node).map_or(0, |c| c.len() as u64);
+                a.blocks = a.size.div_ceil(512);
+            }
+        }
+        Ok(a)
+    }
+
+    pub fn lookup(&self, parent: u64, name: &str) -> Result<Attr> {
+        let ino = self.tree.lookup(parent, name).ok_or_else(not_found)?;
+        self.getattr(ino)
+    }
+
+    /// Entries of a directory, with "." and "..".
+    pub fn readdir(&self, ino: u64) -> Result<Vec<(u64, bool, String)>> {
+        let node = self.node(ino)?;
+        if !node.is_dir() {
+            return Err(Error::new(ErrorKind::Invalid, "not a directory"));
+        }
+        let mut out = vec![
+            (ino, true, ".".to_string()),
+            (self.tree.parent(ino), true, "..".to_string()),
+        ];
+        for (c, name) in self.tree.children(ino) {
+            let dir = self.tree.node(c).is_some_and(|n| n.is_dir());
+            out.push((c, dir, name.to_string()));
+        }
+        self.count(node, 0);
+        Ok(out)
+    }
+
+    pub fn open(&self, ino: u64, write: bool) -> Result<OpenMode> {
+        let node = self.node(ino)?;
+        if write {
+            return Err(Error::new(ErrorKind::ReadOnly, "read-only file system"));
+        }
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        match node {
+            Node::CkptChanged(ci) | Node::CkptBitmap(ci) => self.ckpt_ok(ci)?,
+            Node::CkptExtents(_)
+            | Node::CheckpointsJson
+            | Node::StatsJson
+            | Node::CurrentInfo
+            | Node::CkptInfo(_) => {
+                let c = self.content(node)?;
+                self.handles.lock().insert(fh, c);
+            }
+            _ => {}
+        }
+        Ok(OpenMode {
+            fh,
+            direct_io: node == Node::StatsJson,
+            keep_cache: node != Node::StatsJson,
+        })
+    }
+
+    pub fn release(&self, fh: u64) {
+        self.handles.lock().remove(&fh);
+    }
+
+    pub fn read(&self, ino: u64, fh: u64, off: u64, size: u32) -> Result<Vec<u8>> {
+        let node = self.node(ino)?;
+        if let Some(c) = self.handles.lock().get(&fh).cloned() {
+            let start = (off.min(c.len() as u64)) as usize;
+            let end = (start + size as usize).min(c.len());
+            self.count(node, end - start);
+            return Ok(c[start..end].to_vec());
+        }
+        let len = self.getattr_size(node)?;
+        if off >= len {
+            return Ok(Vec::new());
+        }
+        let n = (len - off).min(u64::from(size)) as usize;
+        let mut buf = vec![0u8; n];
+        match node {
+            Node::CurrentDisk | Node::CkptDisk(_) => {
+                self.disk(node).ok_or_else(not_found)?.read(off, &mut buf)?
+            }
+            Node::CkptChanged(ci) => {
+                self.ckpt_ok(ci)?;
+                self.engine.read_changed(ci, off, &mut buf)?
+            }
+            Node::CkptBitmap(ci) => {
+                self.ckpt_ok(ci)?;
+                self.engine.read_bitmap(ci, off, &mut buf)?
+            }
+            _ => {
+                let c = self.content(node)?;
+                buf.copy_from_slice(&c[off as usize..off as usize + n]);
+            }
+        }
+        self.count(node, n);
+        Ok(buf)
+    }
+
+    fn getattr_size(&self, node: Node) -> Result<u64> {
+        Ok(match node {
+            Node::CurrentDisk | Node::CkptDisk(_) => self.disk(node).map_or(0, Disk::size),
+            Node::CkptChanged(_) => self.engine.model.disk_size(),
+            Node::CkptBitmap(ci) => self.engine.bitmap_len(ci),
+            _ => self.content(node)?.len() as u64,
+        })
+    }
+
+    /// lseek(SEEK_DATA / SEEK_HOLE); other whence values are the kernel's business.
+    pub fn lseek(&self, ino: u64, off: u64, whence: i32) -> Result<u64> {
+        let node = self.node(ino)?;
+        let size = self.getattr_size(node)?;
+        let enxio = || Error::io("seek", std::io::Error::from_raw_os_error(libc::ENXIO));
+        if whence != SEEK_DATA && whence != SEEK_HOLE {
+            return Err(Error::invalid("unsupported whence"));
+        }
+        if off >= size {
+            return Err(enxio());
+        }
+        let want_data = whence == SEEK_DATA;
+        match node {
+            Node::CkptChanged(ci) => {
+                self.ckpt_ok(ci)?;
+                let g = self.engine.granularity(ci);
+                match self.engine.next_block(ci, off / g, want_data)? {
+                    Some(b) => Ok((b * g).max(off).min(size)),
+                    None if want_data => Err(enxio()),
+                    None => Ok(size),
+                }
+            }
+            Node::CurrentDisk | Node::CkptDisk(_) => {
+                let disk = self.disk(node).ok_or_else(not_found)?;
+                let mut at = off;
+                while at < size {
+                    let (r, n) = disk.resolve(at, size - at)?;
+                    if r.known_zero() != want_data {
+                        return Ok(at);
+                    }
+                    at += n.max(1);
+                }
+                if want_data {
+                    Err(enxio())
+                } else {
+                    Ok(size)
+                }
+            }
+            _ => Ok(if want_data { off } else { size }),
+        }
+    }
+
+    /// Root inode, for adapters.
+    pub fn root(&self) -> u64 {
+        ROOT
+    }
+}
