@@ -243,3 +243,44 @@ fn redirect_stdio() {
         }
     }
 }
+
+/// A mount served by threads of this process (for examples and embedding); dropping it
+/// unmounts, then releases the image locks.
+pub struct Mounted {
+    session: Option<fuser::BackgroundSession>,
+    pub core: Arc<FsCore>,
+    _locks: lock::ImageLocks,
+}
+
+impl Mounted {
+    /// Unmount now, reporting failure.
+    pub fn unmount(mut self) -> Result<()> {
+        match self.session.take() {
+            Some(s) => s.umount_and_join().map_err(|e| Error::io("unmount", e)),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if let Some(s) = self.session.take() {
+            let _ = s.umount_and_join();
+        }
+    }
+}
+
+/// Mount `image` on `mountpoint` in this process, served by background threads.
+pub fn spawn(image: &Path, mountpoint: &Path, o: &MountOptions) -> Result<Mounted> {
+    let p = prepare(image, mountpoint, o)?;
+    let fs = FuseFs {
+        core: p.core.clone(),
+    };
+    let session = fuser::spawn_mount(fs, &p.mountpoint, &p.config)
+        .map_err(|e| Error::io(format!("{}: mount failed", p.mountpoint.display()), e))?;
+    Ok(Mounted {
+        session: Some(session),
+        core: p.core,
+        _locks: p._locks,
+    })
+}
