@@ -315,7 +315,13 @@ impl Model {
                 .filter(|(_, k)| *k == Kind::Bitmap)
                 .map(|(n, _)| n.as_str())
                 .collect();
-            let mut sources = Vec::new();
+            // `needs`: the contract's union (C and every later checkpoint); it decides validity.
+            // `sources`: what the bits are computed from. They differ in one case: where C's own
+            // bitmap in a layer is enabled, it has recorded every write since C, so the later
+            // bitmaps add nothing when the order is right, and only wrong bits when a guessed
+            // order is wrong (QEMU stores bitmaps in no particular order).
+            let mut needs = Vec::new();
+            let mut sources: Vec<Source> = Vec::new();
             for li in (0..=low).rev() {
                 let here: Vec<usize> = per_layer[li]
                     .iter()
@@ -326,18 +332,41 @@ impl Model {
                     || per_layer[li].iter().any(|(_, n)| {
                         later.contains(n.as_str()) && per_layer[li + 1].iter().any(|(_, m)| m == n)
                     });
-                if continued {
-                    sources.extend(here.into_iter().map(|bi| Source::Bitmap {
+                if !continued {
+                    needs.push(Source::Allocation { layer: li });
+                    sources.push(Source::Allocation { layer: li });
+                    continue;
+                }
+                let q = chain.layers[li].qcow2().expect("bitmaps live in qcow2");
+                let own_enabled = per_layer[li].iter().find(|(bi, n)| {
+                    *n == names[ci].0
+                        && q.bitmaps[*bi].entry.auto()
+                        && q.bitmaps[*bi].distrust.is_none()
+                });
+                let all: Vec<Source> = here
+                    .iter()
+                    .map(|&bi| Source::Bitmap {
                         layer: li,
                         bitmap: bi,
-                    }));
-                } else {
-                    sources.push(Source::Allocation { layer: li });
+                    })
+                    .collect();
+                match own_enabled {
+                    Some(&(bi, _))
+                        if li == low
+                            || per_layer[li + 1].iter().any(|(_, m)| *m == names[ci].0) =>
+                    {
+                        sources.push(Source::Bitmap {
+                            layer: li,
+                            bitmap: bi,
+                        })
+                    }
+                    _ => sources.extend(all.iter().copied()),
                 }
+                needs.extend(all);
             }
             let mut gran = u64::MAX;
             let mut invalid = None;
-            for s in &sources {
+            for s in &needs {
                 match *s {
                     Source::Bitmap { layer, bitmap } => {
                         let b = &chain.layers[layer].qcow2().expect("qcow2").bitmaps[bitmap];

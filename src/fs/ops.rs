@@ -320,7 +320,19 @@ impl FsCore {
 
     pub fn read(&self, ino: u64, fh: u64, off: u64, size: u32) -> Result<Vec<u8>> {
         let node = self.node(ino)?;
-        if let Some(c) = self.handles.lock().get(&fh).cloned() {
+        let generated = matches!(
+            node,
+            Node::CkptExtents(_)
+                | Node::CheckpointsJson
+                | Node::StatsJson
+                | Node::CurrentInfo
+                | Node::CkptInfo(_)
+        );
+        // Only generated files keep per-open content; disk reads never touch the handle map.
+        if let Some(c) = generated
+            .then(|| self.handles.lock().get(&fh).cloned())
+            .flatten()
+        {
             let start = (off.min(c.len() as u64)) as usize;
             let end = (start + size as usize).min(c.len());
             self.count(node, end - start);
