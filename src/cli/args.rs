@@ -34,7 +34,8 @@ the blocks changed since the checkpoint, bitmap.bin, extents and info.json.
 
 mount options (-o, comma separated):
   ro                   read-only (the default)
-  rw                   writable current/disk.img (not available in this version)
+  rw                   writable current/disk.img (not available in this version:
+                       the mount is read-only)
   allow_other          let other users see the tree (needs user_allow_other in
                        /etc/fuse.conf for non-root users)
   default_permissions  let the kernel check permissions

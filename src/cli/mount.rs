@@ -60,9 +60,9 @@ struct Prepared {
 
 fn prepare(image: &Path, mountpoint: &Path, o: &MountOptions) -> Result<Prepared> {
     if o.rw {
-        return Err(Error::unsupported(
-            "-o rw: the writable restore view is not available in this version; mount read-only",
-        ));
+        // mount(8) passes "rw" to helpers unless told "ro", so refusing would break
+        // `mount -t fuse.ckptfs IMAGE DIR`; say what happens instead.
+        eprintln!("ckptfs: the writable view (-o rw) is not available in this version; mounting read-only");
     }
     let image = canonical(image, "cannot open image")?;
     let mountpoint = canonical(mountpoint, "mountpoint does not exist")?;
