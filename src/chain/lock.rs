@@ -48,7 +48,7 @@ fn ofd(file: &File, cmd: i32, ty: i32, byte: i64) -> std::io::Result<i32> {
 
 fn describe(byte: i64) -> &'static str {
     match byte - HOLD {
-        PERM_WRITE => "another process has it open for writing (a running QEMU?)",
+        PERM_WRITE => "another process holds its QEMU write lock (a running QEMU?)",
         PERM_RESIZE => "another process may resize it (a running QEMU?)",
         _ => "another process refuses to share it (a running QEMU?)",
     }

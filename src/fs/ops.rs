@@ -242,12 +242,7 @@ impl FsCore {
             Node::CkptChanged(ci) => {
                 a.size = self.engine.model.disk_size();
                 if self.ckpt_ok(ci).is_ok() {
-                    a.blocks = self
-                        .engine
-                        .changed_bytes(ci)
-                        .unwrap_or(0)
-                        .min(a.size)
-                        .div_ceil(512);
+                    a.blocks = self.changed_file_bytes(ci, a.size).div_ceil(512);
                 }
             }
             Node::CkptBitmap(ci) => {
@@ -264,6 +259,17 @@ impl FsCore {
             }
         }
         Ok(a)
+    }
+
+    /// Changed bytes inside changed.img: whole blocks, except a partial last block counts
+    /// only up to the end of the disk.
+    fn changed_file_bytes(&self, ci: usize, size: u64) -> u64 {
+        let g = self.engine.granularity(ci);
+        let mut bytes = self.engine.changed_bytes(ci).unwrap_or(0);
+        if size % g != 0 && self.engine.block_changed(ci, size / g).unwrap_or(false) {
+            bytes = bytes.saturating_sub(g - size % g);
+        }
+        bytes.min(size)
     }
 
     pub fn lookup(&self, parent: u64, name: &str) -> Result<Attr> {

@@ -40,6 +40,8 @@ struct LayerSpec {
 struct ChainSpec {
     /// Bottom first.
     layers: Vec<LayerSpec>,
+    /// Replace the bottom layer by a raw file (only with 2 or more layers: the top must be
+    /// qcow2).
     raw_bottom: bool,
 }
 
@@ -129,7 +131,7 @@ fn build(d: &Path, spec: &ChainSpec, log: &mut Vec<String>) -> String {
     let mut below: Option<(String, &str)> = None;
     for (i, l) in spec.layers.iter().enumerate() {
         let size = SIZES[l.size];
-        if i == 0 && spec.raw_bottom {
+        if i == 0 && spec.raw_bottom && spec.layers.len() > 1 {
             // A raw bottom of pseudo-random bytes, its length not a multiple of 512.
             let len = size as usize - 100;
             let mut raw = vec![0u8; len];
@@ -166,14 +168,25 @@ fn build(d: &Path, spec: &ChainSpec, log: &mut Vec<String>) -> String {
             .iter()
             .map(|o| materialize(o, size, cs, &mut touched))
             .collect();
-        if !cmds.is_empty() {
+        // One qemu-io session per compressed write: QEMU 10.0.2 keeps a "next compressed
+        // byte" cursor per open image that can point into a host cluster freed meanwhile (by
+        // `write -z`/`discard` of an earlier compressed cluster) and reused for metadata; the
+        // next `write -c` then fails with "Marking image as corrupt: Preventing invalid write
+        // on metadata (overlaps with active L2 table)". A fresh open resets the cursor.
+        let mut sessions: Vec<Vec<&str>> = Vec::new();
+        for c in &cmds {
+            if sessions.is_empty() || c.starts_with("write -c") {
+                sessions.push(Vec::new());
+            }
+            sessions.last_mut().unwrap().push(c.as_str());
+        }
+        for session in sessions {
             let mut line = "qemu-io".to_string();
-            for c in &cmds {
+            for c in &session {
                 line.push_str(&format!(" -c '{c}'"));
             }
             log.push(format!("{line} {name}"));
-            let refs: Vec<&str> = cmds.iter().map(String::as_str).collect();
-            qemu_io(d, &name, &refs);
+            qemu_io(d, &name, &session);
         }
         below = Some((name, "qcow2"));
     }

@@ -247,6 +247,12 @@ fn cluster_sizes_512_4k_2m() {
         let t = tempdir();
         let d = t.path();
         let opts = format!("cluster_size={cs}");
+        let cs_bytes: u64 = match cs {
+            "512" => 512,
+            "4k" => 4096,
+            _ => 2 << 20,
+        };
+        let base_compressed = format!("write -c -P 0x13 2M {}", cs_bytes.max(512 << 10));
         create(d, "base.qcow2", size, &opts, None);
         qemu_io(
             d,
@@ -254,15 +260,10 @@ fn cluster_sizes_512_4k_2m() {
             &[
                 "write -P 0x11 0 1M",
                 "write -P 0x12 1234567 99999",
-                "write -c -P 0x13 2M 512k",
+                base_compressed.as_str(),
             ],
         );
         create(d, "top.qcow2", size, &opts, Some(("base.qcow2", "qcow2")));
-        let cs_bytes: u64 = match cs {
-            "512" => 512,
-            "4k" => 4096,
-            _ => 2 << 20,
-        };
         // Compressed writes need a cluster the image has not allocated yet.
         let free = (1536u64 << 10).div_ceil(cs_bytes) * cs_bytes;
         let cluster_write = format!("write -c -P 0x24 {free} {}", 2 * cs_bytes);
@@ -338,11 +339,21 @@ fn lazy_refcounts() {
 /// read as `Table::Snapshot(i)` (through the backing file) equals `qemu-img convert -l`.
 #[test]
 fn internal_snapshots() {
+    internal_snapshots_with("");
+}
+
+/// The same in a v2 (compat=0.10) overlay.
+#[test]
+fn internal_snapshots_v2() {
+    internal_snapshots_with("compat=0.10");
+}
+
+fn internal_snapshots_with(opts: &str) {
     let t = tempdir();
     let d = t.path();
     create(d, "base.qcow2", "4M", "", None);
     qemu_io(d, "base.qcow2", &["write -P 0x51 0 4M"]);
-    create(d, "snap.qcow2", "4M", "", Some(("base.qcow2", "qcow2")));
+    create(d, "snap.qcow2", "4M", opts, Some(("base.qcow2", "qcow2")));
     qemu_io(
         d,
         "snap.qcow2",
@@ -374,7 +385,12 @@ fn internal_snapshots() {
     assert_eq!(img.snapshots.len(), 2);
     for (i, s) in img.snapshots.iter().enumerate() {
         let name = s.entry.name.clone();
-        let truth = truth_snapshot_raw(&d.join("snap.qcow2"), &name);
+        // Truth 1: apply the snapshot to a copy (in the same directory, so the backing name
+        // resolves) and convert it: the disk as the guest saw it, at the snapshot's size.
+        let copy = d.join(format!("applied-{name}.qcow2"));
+        std::fs::copy(d.join("snap.qcow2"), &copy).unwrap();
+        qemu_img(d, &["snapshot", "-a", &name, copy.to_str().unwrap()]);
+        let truth = truth_raw(&copy);
         let disk = Disk::new(chain.clone(), 0, Table::Snapshot(i));
         check_reads(
             &disk,
@@ -383,6 +399,17 @@ fn internal_snapshots() {
             77 + i as u64,
             RANGES,
         );
+        // Truth 2: `convert -l` reads the snapshot's tables but keeps the image's current
+        // size (QEMU's load_tmp does not resize): same bytes, zeros beyond the snapshot.
+        let by_l = truth_snapshot_raw(&d.join("snap.qcow2"), &name);
+        assert_eq!(by_l.len() as u64, img.size());
+        assert_same(
+            &by_l[..truth.len()],
+            &truth,
+            0,
+            &format!("convert -l {name} vs snapshot -a"),
+        );
+        assert!(by_l[truth.len()..].iter().all(|&b| b == 0));
     }
     assert_eq!(img.snapshots[0].size, 4 << 20);
     assert_eq!(img.snapshots[1].size, 6 << 20);
@@ -396,7 +423,7 @@ fn internal_snapshots() {
 /// data clusters (4k clusters: one covers 16 MiB at 512 B granularity; 64k: 256 MiB).
 #[test]
 fn bitmap_bits_match_qemu() {
-    for (cluster, size) in [("64k", "300M"), ("4k", "40M")] {
+    for (cluster, size) in [("64k", "300M"), ("4k", "41943552")] {
         let t = tempdir();
         let d = t.path();
         create(
@@ -409,7 +436,8 @@ fn bitmap_bits_match_qemu() {
         qemu_img(d, &["bitmap", "--add", "-g", "512", "bm.qcow2", "g512"]);
         qemu_img(d, &["bitmap", "--add", "-g", "64k", "bm.qcow2", "g64k"]);
         qemu_img(d, &["bitmap", "--add", "bm.qcow2", "gdef"]);
-        let size_bytes: u64 = if size == "300M" { 300 << 20 } else { 40 << 20 };
+        // 40 MiB + 512: the last 64 KiB granule is only partly inside the disk.
+        let size_bytes: u64 = if size == "300M" { 300 << 20 } else { 41943552 };
         let near_boundary = if cluster == "64k" {
             (256u64 << 20) - 1000
         } else {
@@ -710,4 +738,100 @@ fn refuse_non_qcow2_and_empty() {
     open_err(&d.join("zeros.img"));
     // A directory.
     open_err(d);
+}
+
+/// Bitmap table entries without a data cluster: bit 0 = 1 means "all ones", 0 "all zeros".
+/// QEMU honours both; so must `bitmap_cluster`.
+#[test]
+fn bitmap_fill_table_entries() {
+    let t = tempdir();
+    let d = t.path();
+    // 4k clusters, 512 B granularity: one bitmap data cluster covers 16 MiB; 40 MiB + 512
+    // needs 3 table entries, the last one partly past the end.
+    create(d, "fill.qcow2", "41943552", "cluster_size=4k", None);
+    qemu_img(d, &["bitmap", "--add", "-g", "512", "fill.qcow2", "b"]);
+    qemu_io(
+        d,
+        "fill.qcow2",
+        &[
+            "write 1000 5000",
+            "write 17M 64k",
+            "write 33M 4k",
+            "write 41943551 1",
+        ],
+    );
+    let img_path = d.join("fill.qcow2");
+    patch_bitmap_table_entry(&img_path, "b", 1, 1);
+    patch_bitmap_table_entry(&img_path, "b", 2, 0);
+    let chain = open_chain(&img_path);
+    let img = chain.layers[0].qcow2().unwrap();
+    assert!(matches!(
+        img.bitmap_cluster(0, 1).unwrap(),
+        BitmapCluster::Fill(true)
+    ));
+    assert!(matches!(
+        img.bitmap_cluster(0, 2).unwrap(),
+        BitmapCluster::Fill(false)
+    ));
+    let ours = ckptfs_dirty_ranges(img, 0);
+    let qemu = qemu_dirty_ranges(d, "fill.qcow2", "b");
+    assert_eq!(ours, qemu);
+    assert!(ours.contains(&(16 << 20, 32 << 20)), "{ours:?}");
+}
+
+/// Preallocated images (metadata, falloc, full): every cluster mapped up front, data reads
+/// zeros until written.
+#[test]
+fn preallocated_images() {
+    for mode in ["metadata", "falloc", "full"] {
+        let t = tempdir();
+        let d = t.path();
+        create(d, "pre.qcow2", "3M", &format!("preallocation={mode}"), None);
+        qemu_io(
+            d,
+            "pre.qcow2",
+            &[
+                "write -P 0x81 100000 5000",
+                "write -z 1M 64k",
+                "discard 2M 64k",
+            ],
+        );
+        check_chain(&d.join("pre.qcow2"), RANGES);
+    }
+    // Extended L2 allows preallocation over a backing file.
+    let t = tempdir();
+    let d = t.path();
+    create(d, "base.qcow2", "2M", "", None);
+    qemu_io(d, "base.qcow2", &["write -P 0x82 0 2M"]);
+    create(
+        d,
+        "pre.qcow2",
+        "3M",
+        "preallocation=metadata,extended_l2=on",
+        Some(("base.qcow2", "qcow2")),
+    );
+    qemu_io(d, "pre.qcow2", &["write -P 0x83 100000 5000"]);
+    check_chain(&d.join("pre.qcow2"), RANGES);
+}
+
+/// Writes straddling L2 table boundaries (4k clusters: one table maps 2 MiB; 16k clusters with
+/// extended L2: 16 MiB), read and mapped across them.
+#[test]
+fn l2_table_boundaries() {
+    for (opts, size, boundary) in [
+        ("cluster_size=4k", "9M", 2u64 << 20),
+        ("cluster_size=16k,extended_l2=on", "40M", 16 << 20),
+    ] {
+        let t = tempdir();
+        let d = t.path();
+        create(d, "base.qcow2", size, opts, None);
+        let w1 = format!("write -P 0x91 {} 10000", boundary - 5000);
+        let w2 = format!("write -P 0x92 {} 3", 2 * boundary - 1);
+        qemu_io(d, "base.qcow2", &[w1.as_str(), w2.as_str()]);
+        create(d, "top.qcow2", size, opts, Some(("base.qcow2", "qcow2")));
+        let z = format!("write -z {} {}", boundary - 16384, 32768);
+        let w3 = format!("write -P 0x93 {} 100", boundary - 50);
+        qemu_io(d, "top.qcow2", &[z.as_str(), w3.as_str()]);
+        check_chain(&d.join("top.qcow2"), RANGES);
+    }
 }

@@ -1,0 +1,805 @@
+//! Hostile images: real QEMU-made images, truncated and with metadata fields overwritten by
+//! hostile values, must make ckptfs return `Err` (or work), never panic, hang or allocate
+//! without bound. Also the named refusals (LUKS, external data file, empty, text, truncated
+//! header) and regression inputs found by the fuzz targets in contrib/fuzz.
+//!
+//! Every mutation runs in its own thread under `catch_unwind`, with a 10 s limit; a counting
+//! global allocator flags any single allocation above `ALLOC_LIMIT` made by those threads.
+
+use crate::common::{create, qemu_img, qemu_io, tempdir, varied_data, Prng};
+use ckptfs::chain::{Chain, Disk};
+use ckptfs::checkpoint::{render, Engine, Model};
+use ckptfs::qcow2::bitmaps::parse_directory;
+use ckptfs::qcow2::header::Header;
+use ckptfs::qcow2::snapshot::parse_table;
+use ckptfs::qcow2::Table;
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex, Once};
+use std::time::{Duration, Instant};
+
+// ---------------------------------------------------------------------------------------------
+// Allocation guard
+
+/// Largest single allocation a hostile image may cause. ckptfs's own bounded reads stay below
+/// it (L1 tables up to 32 MiB, bitmap directories up to 64 MiB, caches of a few MiB).
+const ALLOC_LIMIT: usize = 256 << 20;
+
+thread_local! {
+    /// Whether allocations of this thread are checked, and the largest request seen.
+    static GUARDED: Cell<bool> = const { Cell::new(false) };
+    static LARGEST: Cell<usize> = const { Cell::new(0) };
+}
+
+struct Counting;
+
+impl Counting {
+    fn note(size: usize) {
+        if size > ALLOC_LIMIT && GUARDED.with(|g| g.get()) {
+            LARGEST.with(|l| l.set(l.get().max(size)));
+            // Say which mutation it was, in case the allocation fails and aborts the process.
+            // No allocation here: a fixed buffer and write(2).
+            let mut msg = [0u8; 96];
+            let head = b"hostile: allocation of ";
+            msg[..head.len()].copy_from_slice(head);
+            let mut n = head.len();
+            let mut digits = [0u8; 20];
+            let mut d = 0;
+            let mut v = size;
+            loop {
+                digits[d] = b'0' + (v % 10) as u8;
+                d += 1;
+                v /= 10;
+                if v == 0 {
+                    break;
+                }
+            }
+            while d > 0 {
+                d -= 1;
+                msg[n] = digits[d];
+                n += 1;
+            }
+            let tail = b" bytes in a hostile-image thread\n";
+            msg[n..n + tail.len()].copy_from_slice(tail);
+            n += tail.len();
+            // SAFETY: writing an initialised stack buffer to stderr.
+            unsafe { libc::write(2, msg.as_ptr().cast(), n) };
+        }
+    }
+}
+
+// SAFETY: forwards every call to the system allocator unchanged.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        Self::note(layout.size());
+        System.alloc(layout)
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        Self::note(layout.size());
+        System.alloc_zeroed(layout)
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        System.dealloc(ptr, layout)
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        Self::note(new_size);
+        System.realloc(ptr, layout, new_size)
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+// ---------------------------------------------------------------------------------------------
+// Running one case
+
+/// Panic locations of hostile-image threads (the payload has only the message).
+static LOCATIONS: Mutex<Vec<(std::thread::ThreadId, String)>> = Mutex::new(Vec::new());
+static HOOK: Once = Once::new();
+/// While set, panics in hostile threads are not printed (they are reported at the end).
+static QUIET: AtomicBool = AtomicBool::new(true);
+
+fn install_hook() {
+    HOOK.call_once(|| {
+        let prev = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if GUARDED.with(|g| g.get()) {
+                let loc = info
+                    .location()
+                    .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()))
+                    .unwrap_or_default();
+                LOCATIONS
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push((std::thread::current().id(), loc));
+                if QUIET.load(Ordering::Relaxed) {
+                    return;
+                }
+            }
+            prev(info)
+        }));
+    });
+}
+
+/// What exercising one image did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    Refused,
+    Opened,
+}
+
+const CASE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Run `f` on a fresh guarded thread: Ok(outcome), or Err(text of the panic, hang or huge
+/// allocation).
+fn guarded(f: impl FnOnce() -> Outcome + Send + 'static) -> Result<Outcome, String> {
+    install_hook();
+    let (tx, rx) = mpsc::channel();
+    let handle = std::thread::spawn(move || {
+        GUARDED.with(|g| g.set(true));
+        LARGEST.with(|l| l.set(0));
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+        let id = std::thread::current().id();
+        let largest = LARGEST.with(|l| l.get());
+        GUARDED.with(|g| g.set(false));
+        let r = r.map_err(|p| {
+            let msg = p
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "non-string panic".into());
+            let mut locs = LOCATIONS.lock().unwrap_or_else(|e| e.into_inner());
+            let loc = locs
+                .iter()
+                .rev()
+                .find(|(t, _)| *t == id)
+                .map(|(_, l)| l.clone())
+                .unwrap_or_default();
+            locs.retain(|(t, _)| *t != id);
+            format!("panicked at {loc}: {msg}")
+        });
+        let r = match r {
+            Ok(_) if largest > ALLOC_LIMIT => Err(format!(
+                "allocated {largest} bytes at once (limit {ALLOC_LIMIT})"
+            )),
+            other => other,
+        };
+        let _ = tx.send(r);
+    });
+    match rx.recv_timeout(CASE_TIMEOUT) {
+        Ok(r) => {
+            let _ = handle.join();
+            r
+        }
+        // The thread is left running; the test fails anyway.
+        Err(_) => Err(format!("did not finish within {CASE_TIMEOUT:?}")),
+    }
+}
+
+/// Read a handful of 64 KiB ranges of `disk`: both ends and spread offsets.
+fn read_some(disk: &Disk, seed: u64, n: usize) {
+    let size = disk.size();
+    let mut buf = vec![0u8; 65536];
+    let mut rng = Prng(seed);
+    for i in 0..n {
+        let off = match i {
+            0 => 0,
+            1 => size.saturating_sub(30000),
+            _ => rng.next() % size.max(1),
+        };
+        if let Err(e) = disk.read(off, &mut buf) {
+            let _ = e.to_string();
+        }
+    }
+}
+
+/// Open `top` and, if it opens, use everything ckptfs exposes of it in bounded amounts.
+fn exercise(top: &Path) -> Outcome {
+    let chain = match Chain::open(top) {
+        Ok(c) => Arc::new(c),
+        Err(e) => {
+            assert!(!e.to_string().is_empty());
+            return Outcome::Refused;
+        }
+    };
+    read_some(&Disk::new(chain.clone(), 0, Table::Active), 1, 12);
+    for (li, layer) in chain.layers.iter().enumerate() {
+        if li > 0 {
+            read_some(&Disk::new(chain.clone(), li, Table::Active), 2, 4);
+        }
+        if let Some(q) = layer.qcow2() {
+            for si in 0..q.snapshots.len().min(4) {
+                read_some(&Disk::new(chain.clone(), li, Table::Snapshot(si)), 3, 4);
+            }
+            for bi in 0..q.bitmaps.len().min(8) {
+                let _ = q.bitmap_table(bi);
+                for k in 0..4 {
+                    let _ = q.bitmap_cluster(bi, k);
+                }
+            }
+        }
+    }
+    let _ = render::chain_json(&chain);
+    let model = Model::build(chain.clone(), &Default::default());
+    let engine = Engine::new(Arc::new(model), 64 << 20);
+    let mut small = vec![0u8; 4096];
+    for i in 0..engine.model.checkpoints.len() {
+        let _ = engine.changed_bytes(i);
+        let _ = engine.extents(i);
+        let _ = engine.read_bitmap(i, 0, &mut small);
+        let _ = engine.read_changed(i, 0, &mut small);
+        let _ = render::checkpoint_json(&engine, i, true);
+        if let Some(disk) = engine.model.checkpoints[i].disk.clone() {
+            read_some(&disk, 4 + i as u64, 4);
+        }
+    }
+    let _ = render::checkpoints_json(&engine);
+    let _ = render::ls_text(&engine);
+    Outcome::Opened
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fixtures and the fields worth overwriting
+
+/// One image to mutate: the file whose bytes change and the file opened afterwards (different
+/// when the mutated file is a backing file).
+struct Target {
+    name: &'static str,
+    mutate: PathBuf,
+    open: PathBuf,
+}
+
+fn make_fixtures(dir: &Path) -> Vec<Target> {
+    let raw = dir.join("data.raw");
+    std::fs::write(&raw, varied_data(1 << 20, 7)).unwrap();
+
+    create(dir, "bitmaps.qcow2", "4M", "cluster_size=4k", None);
+    qemu_img(dir, &["bitmap", "--add", "bitmaps.qcow2", "c1"]);
+    qemu_io(dir, "bitmaps.qcow2", &["write -P 1 0 64k"]);
+    qemu_img(dir, &["bitmap", "--add", "-g", "8k", "bitmaps.qcow2", "c2"]);
+    qemu_io(
+        dir,
+        "bitmaps.qcow2",
+        &["write -P 2 1M 64k", "write -z 2M 8k", "discard 0 4k"],
+    );
+    qemu_img(dir, &["bitmap", "--disable", "bitmaps.qcow2", "c1"]);
+
+    for (name, opts) in [
+        ("zlib.qcow2", "cluster_size=4k"),
+        ("zstd.qcow2", "cluster_size=4k,compression_type=zstd"),
+    ] {
+        qemu_img(
+            dir,
+            &[
+                "convert", "-c", "-f", "raw", "-O", "qcow2", "-o", opts, "data.raw", name,
+            ],
+        );
+    }
+
+    create(dir, "snap.qcow2", "2M", "cluster_size=4k", None);
+    qemu_io(dir, "snap.qcow2", &["write -P 3 0 128k"]);
+    qemu_img(dir, &["snapshot", "-c", "s1", "snap.qcow2"]);
+    qemu_io(
+        dir,
+        "snap.qcow2",
+        &["write -P 4 64k 128k", "write -z 512k 4k"],
+    );
+
+    create(dir, "base.qcow2", "2M", "cluster_size=4k", None);
+    qemu_io(dir, "base.qcow2", &["write -P 5 0 1M"]);
+    create(
+        dir,
+        "top.qcow2",
+        "3M",
+        "cluster_size=4k",
+        Some(("base.qcow2", "qcow2")),
+    );
+    qemu_img(dir, &["bitmap", "--add", "top.qcow2", "t1"]);
+    qemu_io(
+        dir,
+        "top.qcow2",
+        &[
+            "write -P 6 8k 64k",
+            "write -z 256k 64k",
+            "write -c -P 7 1M 4k",
+        ],
+    );
+
+    create(
+        dir,
+        "extl2.qcow2",
+        "2M",
+        "extended_l2=on,cluster_size=16k",
+        Some(("base.qcow2", "qcow2")),
+    );
+    qemu_io(
+        dir,
+        "extl2.qcow2",
+        &["write -P 8 4k 8k", "write -z 32k 4k", "write -P 9 100k 40k"],
+    );
+
+    create(dir, "v2.qcow2", "2M", "compat=0.10,cluster_size=4k", None);
+    qemu_io(dir, "v2.qcow2", &["write -P 10 0 64k"]);
+
+    let t = |name: &'static str, mutate: &str, open: &str| Target {
+        name,
+        mutate: dir.join(mutate),
+        open: dir.join(open),
+    };
+    vec![
+        t("bitmaps", "bitmaps.qcow2", "bitmaps.qcow2"),
+        t("zlib", "zlib.qcow2", "zlib.qcow2"),
+        t("zstd", "zstd.qcow2", "zstd.qcow2"),
+        t("snapshot", "snap.qcow2", "snap.qcow2"),
+        t("overlay", "top.qcow2", "top.qcow2"),
+        t("backing", "base.qcow2", "top.qcow2"),
+        t("extl2", "extl2.qcow2", "extl2.qcow2"),
+        t("v2", "v2.qcow2", "v2.qcow2"),
+    ]
+}
+
+/// A metadata field: its name, byte offset and width (1, 2, 4 or 8 bytes).
+#[derive(Debug, Clone)]
+struct Field {
+    name: String,
+    off: usize,
+    width: usize,
+}
+
+fn be(b: &[u8], off: usize, width: usize) -> u64 {
+    b[off..off + width]
+        .iter()
+        .fold(0u64, |v, &x| v << 8 | u64::from(x))
+}
+
+/// Find the fields of `img` worth overwriting, using ckptfs's own parsers where they give
+/// offsets and small walks where they do not.
+fn fields(img: &[u8]) -> Vec<Field> {
+    let mut out = Vec::new();
+    let mut f = |name: String, off: usize, width: usize| {
+        if off + width <= img.len() {
+            out.push(Field { name, off, width });
+        }
+    };
+    let h = Header::parse(img, img.len() as u64).expect("fixture header parses");
+    let cs = h.cluster_size() as usize;
+    for (name, off, width) in [
+        ("magic", 0, 4),
+        ("version", 4, 4),
+        ("backing_file_offset", 8, 8),
+        ("backing_file_size", 16, 4),
+        ("cluster_bits", 20, 4),
+        ("size", 24, 8),
+        ("crypt_method", 32, 4),
+        ("l1_size", 36, 4),
+        ("l1_table_offset", 40, 8),
+        ("refcount_table_offset", 48, 8),
+        ("refcount_table_clusters", 56, 4),
+        ("nb_snapshots", 60, 4),
+        ("snapshots_offset", 64, 8),
+    ] {
+        f(format!("header.{name}"), off, width);
+    }
+    if h.version == 3 {
+        for (name, off, width) in [
+            ("incompatible_features", 72, 8),
+            ("compatible_features", 80, 8),
+            ("autoclear_features", 88, 8),
+            ("refcount_order", 96, 4),
+            ("header_length", 100, 4),
+            ("compression_type", 104, 1),
+        ] {
+            f(format!("header.{name}"), off, width);
+        }
+    }
+    if h.backing_file_offset != 0 {
+        f("backing name[0]".into(), h.backing_file_offset as usize, 1);
+    }
+    // Header extensions.
+    let mut off = h.header_length as usize;
+    for i in 0..16 {
+        let ty = be(img, off, 4) as u32;
+        let len = be(img, off + 4, 4) as usize;
+        f(format!("ext{i}({ty:#x}).type"), off, 4);
+        if ty == 0 {
+            break;
+        }
+        f(format!("ext{i}({ty:#x}).len"), off + 4, 4);
+        if ty == 0x2385_2875 {
+            f("bitmaps_ext.nb_bitmaps".into(), off + 8, 4);
+            f("bitmaps_ext.reserved".into(), off + 12, 4);
+            f("bitmaps_ext.bitmap_directory_size".into(), off + 16, 8);
+            f("bitmaps_ext.bitmap_directory_offset".into(), off + 24, 8);
+        } else if len > 0 {
+            f(format!("ext{i}({ty:#x}).data[0]"), off + 8, 1);
+        }
+        off += 8 + len.div_ceil(8) * 8;
+    }
+    // Refcount table entry 0.
+    f(
+        "refcount_table[0]".into(),
+        h.refcount_table_offset as usize,
+        8,
+    );
+    let l2_entry_bytes = if h.extended_l2() { 16 } else { 8 };
+    let mut add_l1 =
+        |what: &str, l1_off: usize, l1_size: usize, f: &mut dyn FnMut(String, usize, usize)| {
+            let mut tables = 0;
+            for i in 0..l1_size.min(4096) {
+                let e = be(img, l1_off + 8 * i, 8);
+                let l2 = (e & 0x00ff_ffff_ffff_fe00) as usize;
+                if i < 2 || (l2 != 0 && tables < 3) {
+                    f(format!("{what}[{i}]"), l1_off + 8 * i, 8);
+                }
+                if l2 == 0 || tables >= 3 || l2 + cs > img.len() {
+                    continue;
+                }
+                tables += 1;
+                let mut picked = 0;
+                for j in 0..cs / l2_entry_bytes {
+                    let at = l2 + j * l2_entry_bytes;
+                    let e = be(img, at, 8);
+                    let bm = if l2_entry_bytes == 16 {
+                        be(img, at + 8, 8)
+                    } else {
+                        0
+                    };
+                    if j == 0 || ((e != 0 || bm != 0) && picked < 8) {
+                        picked += 1;
+                        f(format!("{what}[{i}].l2[{j}]({e:#x})"), at, 8);
+                        if l2_entry_bytes == 16 {
+                            f(format!("{what}[{i}].l2[{j}].bitmap({bm:#x})"), at + 8, 8);
+                        }
+                    }
+                }
+            }
+        };
+    add_l1("l1", h.l1_table_offset as usize, h.l1_size as usize, &mut f);
+    // Bitmap directory and tables.
+    if let Some(b) = h.bitmaps {
+        let d0 = b.bitmap_directory_offset as usize;
+        let dir = &img[d0..d0 + b.bitmap_directory_size as usize];
+        let entries = parse_directory(dir, b.nb_bitmaps, cs as u64).expect("fixture directory");
+        let mut e_off = d0;
+        for (k, e) in entries.iter().enumerate() {
+            let n = &e.name;
+            for (field, rel, width) in [
+                ("bitmap_table_offset", 0, 8),
+                ("bitmap_table_size", 8, 4),
+                ("flags", 12, 4),
+                ("type", 16, 1),
+                ("granularity_bits", 17, 1),
+                ("name_size", 18, 2),
+                ("extra_data_size", 20, 4),
+                ("name[0]", 24 + e.extra_data_size as usize, 1),
+            ] {
+                f(format!("bitmap[{k}]({n}).{field}"), e_off + rel, width);
+            }
+            let t0 = e.bitmap_table_offset as usize;
+            for j in 0..(e.bitmap_table_size as usize).min(3) {
+                let v = be(img, t0 + 8 * j, 8);
+                f(
+                    format!("bitmap[{k}]({n}).table[{j}]({v:#x})"),
+                    t0 + 8 * j,
+                    8,
+                );
+            }
+            e_off += (24 + e.extra_data_size as usize + n.len()).div_ceil(8) * 8;
+        }
+    }
+    // Snapshot table and the snapshots' L1 tables.
+    if h.nb_snapshots > 0 {
+        let s0 = h.snapshots_offset as usize;
+        let (snaps, _) = parse_table(&img[s0..], h.nb_snapshots).expect("fixture snapshots");
+        let mut s_off = s0;
+        for (k, s) in snaps.iter().enumerate() {
+            let extra = be(img, s_off + 36, 4) as usize;
+            for (field, rel, width) in [
+                ("l1_table_offset", 0, 8),
+                ("l1_size", 8, 4),
+                ("id_str_size", 12, 2),
+                ("name_size", 14, 2),
+                ("date_sec", 16, 4),
+                ("vm_state_size", 32, 4),
+                ("extra_data_size", 36, 4),
+                ("vm_state_size_large", 40, 8),
+                ("disk_size", 48, 8),
+            ] {
+                if rel < 40 || rel + width <= 40 + extra {
+                    f(
+                        format!("snapshot[{k}]({}).{field}", s.name),
+                        s_off + rel,
+                        width,
+                    );
+                }
+            }
+            add_l1(
+                &format!("snapshot[{k}].l1"),
+                s.l1_table_offset as usize,
+                s.l1_size as usize,
+                &mut f,
+            );
+            s_off += (40 + extra + s.id.len() + s.name.len()).div_ceil(8) * 8;
+        }
+    }
+    out
+}
+
+/// Hostile values for a field of `width` bytes currently holding `orig`.
+fn hostile_values(width: usize, orig: u64, file_len: u64, cs: u64) -> Vec<u64> {
+    let mut v: Vec<u64> = match width {
+        8 => vec![
+            0,
+            u64::MAX,
+            1 << 63,
+            1 << 62,
+            i64::MAX as u64,
+            orig ^ 1,
+            orig | 1 << 62,
+            orig.wrapping_add(512),
+            orig.wrapping_add(1),
+            512,
+            cs,
+            file_len,
+            file_len.div_ceil(cs) * cs + 16 * cs,
+            0x00ff_ffff_ffff_0000,
+            1 << 55,
+        ],
+        4 => vec![
+            0,
+            1,
+            8,
+            22,
+            64,
+            0xffff,
+            0x1_0000,
+            1 << 31,
+            u32::MAX as u64,
+            orig.wrapping_add(1) & 0xffff_ffff,
+            orig.wrapping_mul(1000) & 0xffff_ffff,
+            0x0100_0000,
+        ],
+        2 => vec![0, 1, 1023, 1024, 0xffff, orig.wrapping_add(1) & 0xffff],
+        _ => vec![0, 1, 2, 0x3f, 0x40, 0xff, orig ^ 0x80],
+    };
+    v.sort_unstable();
+    v.dedup();
+    v.retain(|&x| x != orig);
+    v
+}
+
+fn put(img: &mut [u8], off: usize, width: usize, v: u64) {
+    for i in 0..width {
+        img[off + i] = (v >> (8 * (width - 1 - i))) as u8;
+    }
+}
+
+/// Truncation lengths: the header's edges, sector and cluster edges, and spread lengths.
+fn truncations(len: usize, cs: usize) -> Vec<usize> {
+    let mut v: Vec<usize> = vec![0, 1, 3, 4, 8, 50, 71, 72, 100, 103, 104, 105, 112, 511, 512];
+    for k in 1..=6 {
+        v.extend([k * cs - 1, k * cs, k * cs + 1]);
+    }
+    for k in 1..48 {
+        v.push(len * k / 48);
+    }
+    v.push(len - 1);
+    v.retain(|&l| l < len);
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
+#[derive(Default)]
+struct Tally {
+    cases: usize,
+    opened: usize,
+    failures: Vec<String>,
+}
+
+impl Tally {
+    fn run(&mut self, what: String, path: &Path, bytes: &[u8], open: &Path) {
+        std::fs::write(path, bytes).unwrap();
+        let open = open.to_path_buf();
+        self.cases += 1;
+        match guarded(move || exercise(&open)) {
+            Ok(Outcome::Opened) => self.opened += 1,
+            Ok(Outcome::Refused) => {}
+            Err(e) => {
+                let hex: String = if bytes.len() <= 4096 {
+                    bytes.iter().map(|b| format!("{b:02x}")).collect()
+                } else {
+                    String::new()
+                };
+                self.failures.push(format!("{what}: {e} {hex}"));
+            }
+        }
+    }
+}
+
+#[test]
+fn hostile_images_fail_cleanly() {
+    let tmp = tempdir();
+    let dir = tmp.path();
+    let targets = make_fixtures(dir);
+    let start = Instant::now();
+    let mut tally = Tally::default();
+    for t in &targets {
+        let orig = std::fs::read(&t.mutate).unwrap();
+        let h = Header::parse(&orig, orig.len() as u64).unwrap();
+        let cs = h.cluster_size();
+        // The unmutated image must open and work.
+        tally.run(format!("{} (unmutated)", t.name), &t.mutate, &orig, &t.open);
+        assert_eq!(
+            exercise(&t.open),
+            Outcome::Opened,
+            "{}: fixture does not open",
+            t.name
+        );
+        for len in truncations(orig.len(), cs as usize) {
+            tally.run(
+                format!("{}: truncated to {len} bytes", t.name),
+                &t.mutate,
+                &orig[..len],
+                &t.open,
+            );
+        }
+        let fs = fields(&orig);
+        for fd in &fs {
+            let cur = be(&orig, fd.off, fd.width);
+            for v in hostile_values(fd.width, cur, orig.len() as u64, cs) {
+                let mut m = orig.clone();
+                put(&mut m, fd.off, fd.width, v);
+                tally.run(
+                    format!(
+                        "{}: {} at byte {} ({} bytes) {cur:#x} -> {v:#x}",
+                        t.name, fd.name, fd.off, fd.width
+                    ),
+                    &t.mutate,
+                    &m,
+                    &t.open,
+                );
+            }
+        }
+        // Single-bit flips anywhere in those fields.
+        let mut rng = Prng(0x5eed ^ orig.len() as u64);
+        for _ in 0..96 {
+            let fd = &fs[(rng.next() % fs.len() as u64) as usize];
+            let bit = (rng.next() % (8 * fd.width as u64)) as usize;
+            let mut m = orig.clone();
+            m[fd.off + bit / 8] ^= 0x80 >> (bit % 8);
+            tally.run(
+                format!(
+                    "{}: {} at byte {}: flip bit {} of byte {}",
+                    t.name,
+                    fd.name,
+                    fd.off,
+                    7 - bit % 8,
+                    fd.off + bit / 8
+                ),
+                &t.mutate,
+                &m,
+                &t.open,
+            );
+        }
+        std::fs::write(&t.mutate, &orig).unwrap();
+    }
+    eprintln!(
+        "hostile: {} cases ({} opened, {} refused) in {:.1?}, {} failures",
+        tally.cases,
+        tally.opened,
+        tally.cases - tally.opened - tally.failures.len(),
+        start.elapsed(),
+        tally.failures.len()
+    );
+    assert!(
+        tally.failures.is_empty(),
+        "{} hostile images panicked, hung or allocated too much:\n{}",
+        tally.failures.len(),
+        tally.failures.join("\n")
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Named refusals
+
+fn refusal(path: &Path) -> String {
+    match Chain::open(path) {
+        Ok(_) => panic!("{} opened but must be refused", path.display()),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn assert_mentions(msg: &str, words: &[&str], what: &str) {
+    let lower = msg.to_lowercase();
+    assert!(
+        words.iter().any(|w| lower.contains(w)),
+        "{what}: error {msg:?} should mention one of {words:?}"
+    );
+}
+
+#[test]
+fn named_refusals_say_what_is_wrong() {
+    let tmp = tempdir();
+    let dir = tmp.path();
+    qemu_img(
+        dir,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "--object",
+            "secret,id=s0,data=abc",
+            "-o",
+            "encrypt.format=luks,encrypt.key-secret=s0",
+            "luks.qcow2",
+            "1M",
+        ],
+    );
+    assert_mentions(
+        &refusal(&dir.join("luks.qcow2")),
+        &["encrypt"],
+        "LUKS image",
+    );
+
+    create(dir, "ext.qcow2", "1M", "data_file=ext.raw", None);
+    assert_mentions(
+        &refusal(&dir.join("ext.qcow2")),
+        &["external data file"],
+        "data_file image",
+    );
+
+    std::fs::write(dir.join("empty.qcow2"), b"").unwrap();
+    assert_mentions(&refusal(&dir.join("empty.qcow2")), &["empty"], "empty file");
+
+    std::fs::write(
+        dir.join("text.qcow2"),
+        b"this is a text file, not a disk image\n",
+    )
+    .unwrap();
+    assert_mentions(
+        &refusal(&dir.join("text.qcow2")),
+        &["not a qcow2"],
+        "text file",
+    );
+
+    create(dir, "good.qcow2", "1M", "", None);
+    let good = std::fs::read(dir.join("good.qcow2")).unwrap();
+    std::fs::write(dir.join("trunc.qcow2"), &good[..50]).unwrap();
+    assert_mentions(
+        &refusal(&dir.join("trunc.qcow2")),
+        &["truncated"],
+        "head -c 50 of an image",
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Regression inputs from contrib/fuzz (each must come back Ok or Err, not panic)
+
+fn unhex(s: &str) -> Vec<u8> {
+    let s: String = s.chars().filter(|c| !c.is_whitespace()).collect();
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect()
+}
+
+/// Fuzz-found inputs for the `image` target (whole files).
+const IMAGE_REGRESSIONS: &[(&str, &str)] = &[];
+
+#[test]
+fn fuzz_regressions() {
+    let tmp = tempdir();
+    let mut failures = Vec::new();
+    for (name, hex) in IMAGE_REGRESSIONS {
+        let path = tmp.path().join(format!("{name}.qcow2"));
+        std::fs::write(&path, unhex(hex)).unwrap();
+        if let Err(e) = guarded(move || exercise(&path)) {
+            failures.push(format!("{name}: {e}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
