@@ -21,6 +21,8 @@ pub enum LayerKind {
     Raw {
         file: File,
         size: u64,
+        /// The file's real length: the tail up to `size` reads as zeros (QEMU maps it so).
+        len: u64,
     },
 }
 
@@ -76,8 +78,16 @@ impl Layer {
     pub fn map(&self, table: Table, off: u64, len: u64) -> Result<(Mapping, u64)> {
         match &self.kind {
             LayerKind::Qcow2(q) => q.map(table, off, len),
-            LayerKind::Raw { size, .. } => {
-                Ok((Mapping::Data(off), len.min(size.saturating_sub(off))))
+            LayerKind::Raw {
+                size,
+                len: file_len,
+                ..
+            } => {
+                if off >= *file_len {
+                    Ok((Mapping::Zero, len.min(size.saturating_sub(off))))
+                } else {
+                    Ok((Mapping::Data(off), len.min(file_len - off)))
+                }
             }
         }
     }
@@ -205,7 +215,11 @@ impl Chain {
                 let size = meta.len().div_ceil(512) * 512;
                 Layer {
                     path: path.clone(),
-                    kind: LayerKind::Raw { file, size },
+                    kind: LayerKind::Raw {
+                        file,
+                        size,
+                        len: meta.len(),
+                    },
                     backing_name: None,
                     backing_format: None,
                     bytes_read: Default::default(),

@@ -155,6 +155,19 @@ impl Qcow2Image {
     }
 
     fn read_meta(&self, off: u64, len: u64, what: &str) -> Result<Vec<u8>> {
+        // Metadata never extends past the file by more than the partly written last cluster;
+        // checking here bounds every allocation by the file's size, whatever the image claims.
+        if len
+            > self
+                .file_len
+                .saturating_sub(off)
+                .saturating_add(self.geo.cluster_size())
+        {
+            return Err(Error::corrupt(format!(
+                "{what} ({len} bytes at {off:#x}) runs past the end of the file ({} bytes)",
+                self.file_len
+            )));
+        }
         let len = usize::try_from(len).map_err(|_| Error::corrupt(format!("{what} too large")))?;
         let mut buf = vec![0u8; len];
         read_exact_or_zero(&self.file, off, &mut buf)
@@ -490,6 +503,13 @@ impl Qcow2Image {
             .get_or_init(|| {
                 let cs = self.geo.cluster_size();
                 let n = u64::from(bm.entry.bitmap_table_size);
+                let needed = bm.entry.table_size_for(self.header.size, cs);
+                if n > needed {
+                    return Err(format!(
+                        "bitmap '{}' table has {n} entries, the disk size needs {needed}",
+                        bm.entry.name
+                    ));
+                }
                 if n == 0 {
                     return Ok(Arc::from(Vec::new()));
                 }

@@ -3,8 +3,11 @@
 //! without bound. Also the named refusals (LUKS, external data file, empty, text, truncated
 //! header) and regression inputs found by the fuzz targets in contrib/fuzz.
 //!
-//! Every mutation runs in its own thread under `catch_unwind`, with a 10 s limit; a counting
-//! global allocator flags any single allocation above `ALLOC_LIMIT` made by those threads.
+//! The cases run in a worker process (this test binary re-run with `CKPTFS_HOSTILE_WORKER` set)
+//! whose address space is capped at `AS_LIMIT`, so an unbounded allocation aborts the worker
+//! instead of the machine; the parent names the case that killed it and restarts the worker
+//! after it. In the worker every case runs in its own thread under `catch_unwind` with a 10 s
+//! limit.
 
 use crate::common::{create, qemu_img, qemu_io, tempdir, varied_data, Prng};
 use ckptfs::chain::{Chain, Disk};
@@ -13,87 +16,20 @@ use ckptfs::qcow2::bitmaps::parse_directory;
 use ckptfs::qcow2::header::Header;
 use ckptfs::qcow2::snapshot::parse_table;
 use ckptfs::qcow2::Table;
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
+use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex, Once};
 use std::time::{Duration, Instant};
 
 // ---------------------------------------------------------------------------------------------
-// Allocation guard
-
-/// Largest single allocation a hostile image may cause. ckptfs's own bounded reads stay below
-/// it (L1 tables up to 32 MiB, bitmap directories up to 64 MiB, caches of a few MiB).
-const ALLOC_LIMIT: usize = 256 << 20;
+// Running one case
 
 thread_local! {
-    /// Whether allocations of this thread are checked, and the largest request seen.
+    /// Set in case threads, so the panic hook knows whose panics to record.
     static GUARDED: Cell<bool> = const { Cell::new(false) };
-    static LARGEST: Cell<usize> = const { Cell::new(0) };
 }
-
-struct Counting;
-
-impl Counting {
-    fn note(size: usize) {
-        if size > ALLOC_LIMIT && GUARDED.with(|g| g.get()) {
-            LARGEST.with(|l| l.set(l.get().max(size)));
-            // Say which mutation it was, in case the allocation fails and aborts the process.
-            // No allocation here: a fixed buffer and write(2).
-            let mut msg = [0u8; 96];
-            let head = b"hostile: allocation of ";
-            msg[..head.len()].copy_from_slice(head);
-            let mut n = head.len();
-            let mut digits = [0u8; 20];
-            let mut d = 0;
-            let mut v = size;
-            loop {
-                digits[d] = b'0' + (v % 10) as u8;
-                d += 1;
-                v /= 10;
-                if v == 0 {
-                    break;
-                }
-            }
-            while d > 0 {
-                d -= 1;
-                msg[n] = digits[d];
-                n += 1;
-            }
-            let tail = b" bytes in a hostile-image thread\n";
-            msg[n..n + tail.len()].copy_from_slice(tail);
-            n += tail.len();
-            // SAFETY: writing an initialised stack buffer to stderr.
-            unsafe { libc::write(2, msg.as_ptr().cast(), n) };
-        }
-    }
-}
-
-// SAFETY: forwards every call to the system allocator unchanged.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        Self::note(layout.size());
-        System.alloc(layout)
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        Self::note(layout.size());
-        System.alloc_zeroed(layout)
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        System.dealloc(ptr, layout)
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        Self::note(new_size);
-        System.realloc(ptr, layout, new_size)
-    }
-}
-
-#[global_allocator]
-static ALLOC: Counting = Counting;
-
-// ---------------------------------------------------------------------------------------------
-// Running one case
 
 /// Panic locations of hostile-image threads (the payload has only the message).
 static LOCATIONS: Mutex<Vec<(std::thread::ThreadId, String)>> = Mutex::new(Vec::new());
@@ -132,17 +68,14 @@ enum Outcome {
 
 const CASE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Run `f` on a fresh guarded thread: Ok(outcome), or Err(text of the panic, hang or huge
-/// allocation).
+/// Run `f` on a fresh guarded thread: Ok(outcome), or Err(text of the panic or hang).
 fn guarded(f: impl FnOnce() -> Outcome + Send + 'static) -> Result<Outcome, String> {
     install_hook();
     let (tx, rx) = mpsc::channel();
     let handle = std::thread::spawn(move || {
         GUARDED.with(|g| g.set(true));
-        LARGEST.with(|l| l.set(0));
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
         let id = std::thread::current().id();
-        let largest = LARGEST.with(|l| l.get());
         GUARDED.with(|g| g.set(false));
         let r = r.map_err(|p| {
             let msg = p
@@ -160,12 +93,6 @@ fn guarded(f: impl FnOnce() -> Outcome + Send + 'static) -> Result<Outcome, Stri
             locs.retain(|(t, _)| *t != id);
             format!("panicked at {loc}: {msg}")
         });
-        let r = match r {
-            Ok(_) if largest > ALLOC_LIMIT => Err(format!(
-                "allocated {largest} bytes at once (limit {ALLOC_LIMIT})"
-            )),
-            other => other,
-        };
         let _ = tx.send(r);
     });
     match rx.recv_timeout(CASE_TIMEOUT) {
@@ -323,6 +250,11 @@ fn make_fixtures(dir: &Path) -> Vec<Target> {
     create(dir, "v2.qcow2", "2M", "compat=0.10,cluster_size=4k", None);
     qemu_io(dir, "v2.qcow2", &["write -P 10 0 64k"]);
 
+    target_list(dir)
+}
+
+/// The fixtures `make_fixtures` made in `dir`.
+fn target_list(dir: &Path) -> Vec<Target> {
     let t = |name: &'static str, mutate: &str, open: &str| Target {
         name,
         mutate: dir.join(mutate),
@@ -424,7 +356,7 @@ fn fields(img: &[u8]) -> Vec<Field> {
         8,
     );
     let l2_entry_bytes = if h.extended_l2() { 16 } else { 8 };
-    let mut add_l1 =
+    let add_l1 =
         |what: &str, l1_off: usize, l1_size: usize, f: &mut dyn FnMut(String, usize, usize)| {
             let mut tables = 0;
             for i in 0..l1_size.min(4096) {
@@ -592,74 +524,69 @@ fn truncations(len: usize, cs: usize) -> Vec<usize> {
     v
 }
 
-#[derive(Default)]
-struct Tally {
-    cases: usize,
-    opened: usize,
-    failures: Vec<String>,
+/// How one case changes the bytes of its target.
+#[derive(Debug, Clone, Copy)]
+enum Edit {
+    Unchanged,
+    Truncate(usize),
+    Put { off: usize, width: usize, v: u64 },
+    Flip { off: usize, mask: u8 },
 }
 
-impl Tally {
-    fn run(&mut self, what: String, path: &Path, bytes: &[u8], open: &Path) {
-        std::fs::write(path, bytes).unwrap();
-        let open = open.to_path_buf();
-        self.cases += 1;
-        match guarded(move || exercise(&open)) {
-            Ok(Outcome::Opened) => self.opened += 1,
-            Ok(Outcome::Refused) => {}
-            Err(e) => {
-                let hex: String = if bytes.len() <= 4096 {
-                    bytes.iter().map(|b| format!("{b:02x}")).collect()
-                } else {
-                    String::new()
-                };
-                self.failures.push(format!("{what}: {e} {hex}"));
-            }
+struct Case {
+    label: String,
+    target: usize,
+    edit: Edit,
+}
+
+fn apply(orig: &[u8], edit: Edit) -> Vec<u8> {
+    match edit {
+        Edit::Unchanged => orig.to_vec(),
+        Edit::Truncate(len) => orig[..len].to_vec(),
+        Edit::Put { off, width, v } => {
+            let mut m = orig.to_vec();
+            put(&mut m, off, width, v);
+            m
+        }
+        Edit::Flip { off, mask } => {
+            let mut m = orig.to_vec();
+            m[off] ^= mask;
+            m
         }
     }
 }
 
-#[test]
-fn hostile_images_fail_cleanly() {
-    let tmp = tempdir();
-    let dir = tmp.path();
-    let targets = make_fixtures(dir);
-    let start = Instant::now();
-    let mut tally = Tally::default();
-    for t in &targets {
-        let orig = std::fs::read(&t.mutate).unwrap();
-        let h = Header::parse(&orig, orig.len() as u64).unwrap();
+/// Every case, in a fixed order (the parent and the worker compute the same list).
+fn case_list(targets: &[Target], origs: &[Vec<u8>]) -> Vec<Case> {
+    let mut cases = Vec::new();
+    for (ti, (t, orig)) in targets.iter().zip(origs).enumerate() {
+        let mut add = |label: String, edit: Edit| {
+            cases.push(Case {
+                label: format!("{}: {label}", t.name),
+                target: ti,
+                edit,
+            })
+        };
+        let h = Header::parse(orig, orig.len() as u64).expect("fixture header");
         let cs = h.cluster_size();
-        // The unmutated image must open and work.
-        tally.run(format!("{} (unmutated)", t.name), &t.mutate, &orig, &t.open);
-        assert_eq!(
-            exercise(&t.open),
-            Outcome::Opened,
-            "{}: fixture does not open",
-            t.name
-        );
+        add("unmutated".into(), Edit::Unchanged);
         for len in truncations(orig.len(), cs as usize) {
-            tally.run(
-                format!("{}: truncated to {len} bytes", t.name),
-                &t.mutate,
-                &orig[..len],
-                &t.open,
-            );
+            add(format!("truncated to {len} bytes"), Edit::Truncate(len));
         }
-        let fs = fields(&orig);
+        let fs = fields(orig);
         for fd in &fs {
-            let cur = be(&orig, fd.off, fd.width);
+            let cur = be(orig, fd.off, fd.width);
             for v in hostile_values(fd.width, cur, orig.len() as u64, cs) {
-                let mut m = orig.clone();
-                put(&mut m, fd.off, fd.width, v);
-                tally.run(
+                add(
                     format!(
-                        "{}: {} at byte {} ({} bytes) {cur:#x} -> {v:#x}",
-                        t.name, fd.name, fd.off, fd.width
+                        "{} at byte {} ({} bytes) {cur:#x} -> {v:#x}",
+                        fd.name, fd.off, fd.width
                     ),
-                    &t.mutate,
-                    &m,
-                    &t.open,
+                    Edit::Put {
+                        off: fd.off,
+                        width: fd.width,
+                        v,
+                    },
                 );
             }
         }
@@ -668,37 +595,206 @@ fn hostile_images_fail_cleanly() {
         for _ in 0..96 {
             let fd = &fs[(rng.next() % fs.len() as u64) as usize];
             let bit = (rng.next() % (8 * fd.width as u64)) as usize;
-            let mut m = orig.clone();
-            m[fd.off + bit / 8] ^= 0x80 >> (bit % 8);
-            tally.run(
-                format!(
-                    "{}: {} at byte {}: flip bit {} of byte {}",
-                    t.name,
-                    fd.name,
-                    fd.off,
-                    7 - bit % 8,
-                    fd.off + bit / 8
-                ),
-                &t.mutate,
-                &m,
-                &t.open,
+            let off = fd.off + bit / 8;
+            add(
+                format!("{}: flip bit {} of byte {off}", fd.name, 7 - bit % 8),
+                Edit::Flip {
+                    off,
+                    mask: 0x80 >> (bit % 8),
+                },
             );
         }
-        std::fs::write(&t.mutate, &orig).unwrap();
+    }
+    cases
+}
+
+const WORKER_ENV: &str = "CKPTFS_HOSTILE_WORKER";
+const START_ENV: &str = "CKPTFS_HOSTILE_START";
+/// Address-space cap of the worker: far above what ckptfs needs for these small images (its
+/// largest bounded reads are a 32 MiB L1 table and a 64 MiB bitmap directory).
+const AS_LIMIT: u64 = 4 << 30;
+
+fn originals(dir: &Path, targets: &[Target]) -> Vec<Vec<u8>> {
+    targets
+        .iter()
+        .map(|t| std::fs::read(dir.join("orig").join(t.mutate.file_name().unwrap())).unwrap())
+        .collect()
+}
+
+/// The worker: run cases from `CKPTFS_HOSTILE_START` on, reporting on stdout
+/// (`@@S i` started, `@@D i` done, `@@F i text` failed). Does nothing in a normal test run.
+#[test]
+fn hostile_worker() {
+    let Ok(dir) = std::env::var(WORKER_ENV) else {
+        return;
+    };
+    let dir = PathBuf::from(dir);
+    let start: usize = std::env::var(START_ENV).unwrap().parse().unwrap();
+    let lim = libc::rlimit {
+        rlim_cur: AS_LIMIT,
+        rlim_max: AS_LIMIT,
+    };
+    // SAFETY: plain syscall on a valid struct.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_AS, &lim) }, 0);
+    let targets = target_list(&dir);
+    let origs = originals(&dir, &targets);
+    for (t, o) in targets.iter().zip(&origs) {
+        std::fs::write(&t.mutate, o).unwrap();
+    }
+    let cases = case_list(&targets, &origs);
+    let out = std::io::stdout();
+    let say = |s: String| {
+        let mut o = out.lock();
+        writeln!(o, "{s}").unwrap();
+        o.flush().unwrap();
+    };
+    let mut last_target: Option<usize> = None;
+    for (i, c) in cases.iter().enumerate().skip(start) {
+        if let Some(lt) = last_target.filter(|&lt| lt != c.target) {
+            std::fs::write(&targets[lt].mutate, &origs[lt]).unwrap();
+        }
+        last_target = Some(c.target);
+        let t = &targets[c.target];
+        let bytes = apply(&origs[c.target], c.edit);
+        std::fs::write(&t.mutate, &bytes).unwrap();
+        say(format!("@@S {i}"));
+        let open = t.open.clone();
+        match guarded(move || exercise(&open)) {
+            Ok(o) => say(format!("@@D {i} {o:?}")),
+            Err(e) => {
+                let hex: String = if bytes.len() <= 4096 {
+                    bytes.iter().map(|b| format!("{b:02x}")).collect()
+                } else {
+                    String::new()
+                };
+                say(format!("@@F {i} {} {hex}", e.replace('\n', " | ")));
+                if e.starts_with("did not finish") {
+                    // The case thread still runs; start a fresh worker after it.
+                    std::process::exit(3);
+                }
+            }
+        }
+    }
+    say("@@E".into());
+}
+
+#[test]
+fn hostile_images_fail_cleanly() {
+    let tmp = tempdir();
+    let dir = tmp.path();
+    let targets = make_fixtures(dir);
+    std::fs::create_dir(dir.join("orig")).unwrap();
+    for t in &targets {
+        assert_eq!(
+            exercise(&t.open),
+            Outcome::Opened,
+            "{}: fixture does not open",
+            t.name
+        );
+        std::fs::copy(
+            &t.mutate,
+            dir.join("orig").join(t.mutate.file_name().unwrap()),
+        )
+        .unwrap();
+    }
+    let origs = originals(dir, &targets);
+    let cases = case_list(&targets, &origs);
+    let t0 = Instant::now();
+    let exe = std::env::current_exe().unwrap();
+    let mut failures: Vec<String> = Vec::new();
+    let (mut opened, mut refused, mut workers) = (0usize, 0usize, 0usize);
+    let mut start = 0;
+    while start < cases.len() {
+        workers += 1;
+        let stderr_path = dir.join(format!("worker{workers}.stderr"));
+        let mut child = std::process::Command::new(&exe)
+            .args([
+                "hostile::hostile_worker",
+                "--exact",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(WORKER_ENV, dir)
+            .env(START_ENV, start.to_string())
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::fs::File::create(&stderr_path).unwrap())
+            .spawn()
+            .unwrap();
+        let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        let (mut current, mut ended, mut failed_current) = (None, false, false);
+        let mut seen: Vec<String> = Vec::new();
+        for line in stdout.lines() {
+            let line = line.unwrap();
+            seen.push(line.clone());
+            // libtest's "test ... " prefix may share the first line.
+            let Some(at) = line.find("@@") else {
+                continue;
+            };
+            let line = &line[at..];
+            let mut parts = line.splitn(3, ' ');
+            let (tag, idx) = (parts.next().unwrap_or(""), parts.next());
+            let idx: Option<usize> = idx.and_then(|i| i.parse().ok());
+            match (tag, idx) {
+                ("@@S", Some(i)) => {
+                    current = Some(i);
+                    failed_current = false;
+                }
+                ("@@D", Some(_)) => {
+                    if line.ends_with("Opened") {
+                        opened += 1
+                    } else {
+                        refused += 1
+                    }
+                }
+                ("@@F", Some(i)) => {
+                    failed_current = true;
+                    failures.push(format!(
+                        "{}: {}",
+                        cases[i].label,
+                        parts.next().unwrap_or("")
+                    ));
+                }
+                ("@@E", _) => ended = true,
+                _ => {}
+            }
+        }
+        let status = child.wait().unwrap();
+        if ended {
+            break;
+        }
+        let Some(i) = current else {
+            panic!(
+                "hostile worker died before its first case ({status}):\n{}\n{}",
+                seen.join("\n"),
+                std::fs::read_to_string(&stderr_path).unwrap_or_default()
+            );
+        };
+        if !failed_current {
+            let err = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+            let why: Vec<&str> = err
+                .lines()
+                .filter(|l| l.contains("memory allocation") || l.contains("panicked"))
+                .collect();
+            failures.push(format!(
+                "{}: worker process died ({status}): {}",
+                cases[i].label,
+                why.join(" | ")
+            ));
+        }
+        start = i + 1;
     }
     eprintln!(
-        "hostile: {} cases ({} opened, {} refused) in {:.1?}, {} failures",
-        tally.cases,
-        tally.opened,
-        tally.cases - tally.opened - tally.failures.len(),
-        start.elapsed(),
-        tally.failures.len()
+        "hostile: {} cases ({opened} opened, {refused} refused, {} failed) in {:.1?}, {workers} worker process(es)",
+        cases.len(),
+        failures.len(),
+        t0.elapsed()
     );
     assert!(
-        tally.failures.is_empty(),
-        "{} hostile images panicked, hung or allocated too much:\n{}",
-        tally.failures.len(),
-        tally.failures.join("\n")
+        failures.is_empty(),
+        "{} hostile images panicked, hung or allocated without bound:\n{}",
+        failures.len(),
+        failures.join("\n")
     );
 }
 

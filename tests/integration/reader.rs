@@ -369,13 +369,21 @@ fn internal_snapshots_with(opts: &str) {
             "write -P 0x55 2M 100000",
         ],
     );
-    qemu_img(d, &["resize", "-q", "snap.qcow2", "6M"]);
+    // QEMU refuses to resize a v2 image with snapshots.
+    let v2 = opts.contains("0.10");
+    if !v2 {
+        qemu_img(d, &["resize", "-q", "snap.qcow2", "6M"]);
+    }
     qemu_img(d, &["snapshot", "-c", "s2", "snap.qcow2"]);
     qemu_io(
         d,
         "snap.qcow2",
         &[
-            "write -P 0x56 5M 64k",
+            if v2 {
+                "write -P 0x56 3M 64k"
+            } else {
+                "write -P 0x56 5M 64k"
+            },
             "discard 2M 64k",
             "write -P 0x57 0 512",
         ],
@@ -412,7 +420,7 @@ fn internal_snapshots_with(opts: &str) {
         assert!(by_l[truth.len()..].iter().all(|&b| b == 0));
     }
     assert_eq!(img.snapshots[0].size, 4 << 20);
-    assert_eq!(img.snapshots[1].size, 6 << 20);
+    assert_eq!(img.snapshots[1].size, if v2 { 4 << 20 } else { 6 << 20 });
 }
 
 // ---------------------------------------------------------------------------------------
