@@ -1,0 +1,138 @@
+//! Shared helpers for the ckptfs fuzz targets: a tiny cursor over the fuzzer's bytes and the
+//! whole-image driver used by the `image` target.
+
+use ckptfs::chain::{Chain, Disk};
+use ckptfs::checkpoint::{Engine, Model};
+use ckptfs::qcow2::Table;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Reads fixed-size values from the front of the input, then hands out the rest.
+pub struct Input<'a>(pub &'a [u8]);
+
+impl<'a> Input<'a> {
+    pub fn u8(&mut self) -> u8 {
+        match self.0.split_first() {
+            Some((&b, rest)) => {
+                self.0 = rest;
+                b
+            }
+            None => 0,
+        }
+    }
+
+    pub fn u32(&mut self) -> u32 {
+        let mut v = 0u32;
+        for _ in 0..4 {
+            v = v << 8 | u32::from(self.u8());
+        }
+        v
+    }
+
+    pub fn u64(&mut self) -> u64 {
+        let mut v = 0u64;
+        for _ in 0..8 {
+            v = v << 8 | u64::from(self.u8());
+        }
+        v
+    }
+
+    /// A cluster_bits value QEMU (and `Header::parse`) accepts: 9..=21.
+    pub fn cluster_bits(&mut self) -> u32 {
+        9 + u32::from(self.u8()) % 13
+    }
+
+    pub fn rest(self) -> &'a [u8] {
+        self.0
+    }
+}
+
+/// At most this many reads of `READ_LEN` bytes per input, over every disk the image shows.
+pub const MAX_READS: usize = 64;
+pub const READ_LEN: usize = 4096;
+
+/// A private scratch file for this fuzzing process.
+fn scratch_path() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ckptfs-fuzz-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("create scratch dir");
+    dir.join("image.qcow2")
+}
+
+/// FNV-1a, to pick read offsets that depend on the input.
+fn hash(data: &[u8]) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for &b in data {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// Read up to `n` small ranges of `disk`: start, end, and spread offsets.
+fn read_some(disk: &Disk, seed: u64, n: usize, budget: &mut usize) {
+    let size = disk.size();
+    let mut buf = vec![0u8; READ_LEN];
+    let mut s = seed;
+    for i in 0..n {
+        if *budget == 0 {
+            return;
+        }
+        *budget -= 1;
+        let off = match i {
+            0 => 0,
+            1 => size.saturating_sub(READ_LEN as u64 / 2),
+            _ => {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                if size == 0 {
+                    0
+                } else {
+                    (s >> 1) % size
+                }
+            }
+        };
+        let _ = disk.read(off, &mut buf);
+    }
+}
+
+/// Open `data` as a qcow2 chain, build the checkpoint model, and touch everything it exposes
+/// in bounded amounts. Any panic propagates (that is what the fuzzer looks for).
+pub fn run_image(data: &[u8]) {
+    let path = scratch_path();
+    std::fs::write(&path, data).expect("write scratch image");
+    let Ok(chain) = Chain::open(&path) else {
+        return;
+    };
+    let chain = Arc::new(chain);
+    let seed = hash(data);
+    let mut budget = MAX_READS;
+    read_some(
+        &Disk::new(chain.clone(), 0, Table::Active),
+        seed,
+        8,
+        &mut budget,
+    );
+    for (li, layer) in chain.layers.iter().enumerate() {
+        if let Some(q) = layer.qcow2() {
+            for si in 0..q.snapshots.len().min(4) {
+                read_some(
+                    &Disk::new(chain.clone(), li, Table::Snapshot(si)),
+                    seed ^ si as u64,
+                    4,
+                    &mut budget,
+                );
+            }
+        }
+    }
+    let model = Model::build(chain.clone(), &Default::default());
+    let engine = Engine::new(Arc::new(model), 64 << 20);
+    let mut bits = [0u8; 512];
+    for i in 0..engine.model.checkpoints.len() {
+        let _ = engine.changed_bytes(i);
+        let _ = engine.extents(i);
+        let _ = engine.read_bitmap(i, 0, &mut bits);
+        if let Some(disk) = engine.model.checkpoints[i].disk.clone() {
+            read_some(&disk, seed.rotate_left(i as u32), 4, &mut budget);
+        }
+    }
+}
