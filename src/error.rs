@@ -65,6 +65,20 @@ impl Error {
         }
     }
 
+    /// An I/O error about a path: NotFound when the file is missing, Io otherwise.
+    pub fn path(path: &std::path::Path, what: &str, err: io::Error) -> Self {
+        let kind = if err.kind() == io::ErrorKind::NotFound {
+            ErrorKind::NotFound
+        } else {
+            ErrorKind::Io
+        };
+        Error {
+            kind,
+            msg: format!("{}: {what}", path.display()),
+            source: Some(err),
+        }
+    }
+
     /// Prefix the message with a file or object name: `name: msg`.
     pub fn context(mut self, name: impl fmt::Display) -> Self {
         self.msg = format!("{name}: {}", self.msg);

@@ -117,18 +117,7 @@ fn probe_is_qcow2(file: &File) -> Result<bool> {
 }
 
 fn open_file(path: &Path) -> Result<File> {
-    File::open(path).map_err(|e| {
-        let kind = if e.kind() == std::io::ErrorKind::NotFound {
-            ErrorKind::NotFound
-        } else {
-            ErrorKind::Io
-        };
-        Error {
-            kind,
-            msg: format!("{}: cannot open", path.display()),
-            source: Some(e),
-        }
-    })
+    File::open(path).map_err(|e| Error::path(path, "cannot open", e))
 }
 
 impl Chain {

@@ -16,18 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 fn canonical(p: &Path, what: &str) -> Result<PathBuf> {
-    std::fs::canonicalize(p).map_err(|e| {
-        let kind = if e.kind() == std::io::ErrorKind::NotFound {
-            ErrorKind::NotFound
-        } else {
-            ErrorKind::Io
-        };
-        Error {
-            kind,
-            msg: format!("{}: {what}", p.display()),
-            source: Some(e),
-        }
-    })
+    std::fs::canonicalize(p).map_err(|e| Error::path(p, what, e))
 }
 
 fn check_mountpoint(dir: &Path) -> Result<()> {
