@@ -21,6 +21,8 @@ pub enum ErrorKind {
     Unsupported,
     /// The image is held by another program.
     Busy,
+    /// An operation ckptfs will not do here (size changes, deleting a layer checkpoint).
+    Refused,
     /// The host reported an I/O error.
     Io,
 }
@@ -95,6 +97,7 @@ impl Error {
             ErrorKind::Corrupt => libc::EIO,
             ErrorKind::Unsupported => libc::EOPNOTSUPP,
             ErrorKind::Busy => libc::EBUSY,
+            ErrorKind::Refused => libc::EPERM,
             ErrorKind::Io => self
                 .source
                 .as_ref()

@@ -4,6 +4,7 @@
 pub mod lock;
 pub mod open;
 pub mod read;
+pub mod write;
 
 pub use open::{Chain, Layer, LayerKind};
 pub use read::{Disk, Resolved};

@@ -116,20 +116,40 @@ fn probe_is_qcow2(file: &File) -> Result<bool> {
     Ok(u32::from_be_bytes(magic) == crate::qcow2::header::MAGIC)
 }
 
-fn open_file(path: &Path) -> Result<File> {
-    File::open(path).map_err(|e| Error::path(path, "cannot open", e))
+fn open_file(path: &Path, write: bool) -> Result<File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(write)
+        .open(path)
+        .map_err(|e| {
+            Error::path(
+                path,
+                if write {
+                    "cannot open for writing"
+                } else {
+                    "cannot open"
+                },
+                e,
+            )
+        })
 }
 
 impl Chain {
-    /// Open `top` (which must be qcow2 or raw) and every backing file below it.
+    /// Open `top` (which must be qcow2 or raw) and every backing file below it, read-only.
     pub fn open(top: &Path) -> Result<Chain> {
+        Self::open_with(top, false)
+    }
+
+    /// Open the chain; with `write_top` the top image's file is opened read-write (backing
+    /// files never are).
+    pub fn open_with(top: &Path, write_top: bool) -> Result<Chain> {
         let mut layers: Vec<Arc<Layer>> = Vec::new();
         let mut seen: Vec<(u64, u64)> = Vec::new();
         let mut next: Option<(PathBuf, Option<String>, String)> = None;
         let mut path = top.to_path_buf();
         let mut format: Option<String> = None;
         loop {
-            let file = match open_file(&path) {
+            let file = match open_file(&path, write_top && layers.is_empty()) {
                 Ok(f) => f,
                 Err(e) => {
                     return Err(match &next {

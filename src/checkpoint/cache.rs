@@ -70,8 +70,8 @@ impl ChunkCache {
         .map_err(|(kind, msg)| Error::new(kind, msg))
     }
 
-    /// Drop every cached chunk (after the disk changed).
-    pub fn clear(&self) {
-        self.map.lock().clear();
+    /// Drop one chunk (the disk changed under it).
+    pub fn remove(&self, ci: usize, k: u64) {
+        self.map.lock().pop(&(ci, k));
     }
 }

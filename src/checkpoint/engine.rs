@@ -8,6 +8,7 @@ use super::since::{self, Bits, CHUNK_BLOCKS};
 use crate::chain::Disk;
 use crate::error::{Error, ErrorKind, Result};
 use crate::qcow2::Table;
+use parking_lot::RwLock;
 use std::sync::{Arc, OnceLock};
 
 /// A value computed once, remembering an error as well as a success.
@@ -17,8 +18,8 @@ pub struct Engine {
     pub model: Arc<Model>,
     pub current: Disk,
     pub cache: ChunkCache,
-    extents: Vec<Cached<Arc<str>>>,
-    changed: Vec<Cached<u64>>,
+    extents: RwLock<Vec<Cached<Arc<str>>>>,
+    changed: RwLock<Vec<Cached<u64>>>,
 }
 
 /// The value in `cell`, computing it with `f` the first time.
@@ -36,8 +37,8 @@ impl Engine {
             model,
             current,
             cache: ChunkCache::new(cache_bytes),
-            extents: (0..n).map(|_| OnceLock::new()).collect(),
-            changed: (0..n).map(|_| OnceLock::new()).collect(),
+            extents: RwLock::new((0..n).map(|_| OnceLock::new()).collect()),
+            changed: RwLock::new((0..n).map(|_| OnceLock::new()).collect()),
         }
     }
 
@@ -63,6 +64,23 @@ impl Engine {
         self.cache.get(ci, k, || {
             since::compute_chunk(&self.model.chain, c, total, k)
         })
+    }
+
+    /// The disk changed in `[off, off+len)`: drop every cached answer that covers it.
+    pub fn invalidate(&self, off: u64, len: u64) {
+        for ci in 0..self.model.checkpoints.len() {
+            let g = self.granularity(ci);
+            let (k0, k1) = (
+                off / g / CHUNK_BLOCKS,
+                (off + len.max(1) - 1) / g / CHUNK_BLOCKS,
+            );
+            for k in k0..=k1 {
+                self.cache.remove(ci, k);
+            }
+        }
+        let n = self.model.checkpoints.len();
+        *self.extents.write() = (0..n).map(|_| OnceLock::new()).collect();
+        *self.changed.write() = (0..n).map(|_| OnceLock::new()).collect();
     }
 
     /// Is block `b` of checkpoint `ci` changed?
@@ -156,7 +174,7 @@ impl Engine {
 
     /// Bytes of granularity blocks changed since checkpoint `ci` (as virsh --size reports).
     pub fn changed_bytes(&self, ci: usize) -> Result<u64> {
-        keep(&self.changed[ci], || {
+        keep(&self.changed.read()[ci], || {
             let mut blocks = 0;
             let chunks = self.total_blocks(ci).div_ceil(CHUNK_BLOCKS);
             for k in 0..chunks {
@@ -169,7 +187,7 @@ impl Engine {
     /// The extents file: "OFFSET LENGTH" per changed run, "OFFSET LENGTH zero" for runs the
     /// metadata knows to read as zeros now.
     pub fn extents(&self, ci: usize) -> Result<Arc<str>> {
-        keep(&self.extents[ci], || {
+        keep(&self.extents.read()[ci], || {
             let size = self.model.disk_size();
             let mut runs: Vec<(u64, u64, bool)> = Vec::new();
             for (s, e) in self.changed_runs(ci, 0, size)? {

@@ -7,7 +7,7 @@ use serde_json::json;
 use std::path::Path;
 
 pub fn run(image: &Path, checkpoints: Option<&Path>, as_json: bool) -> Result<String> {
-    let engine = setup::engine(image, checkpoints, false, 64)?;
+    let engine = setup::engine(image, checkpoints, false, 64, false)?;
     if as_json {
         let v = json!({
             "image": engine.model.chain.top().path.display().to_string(),

@@ -5,6 +5,7 @@
 use super::options::MountOptions;
 use super::setup;
 use crate::chain::lock::{self, LockMode};
+use crate::chain::write::Writer;
 use crate::error::{Error, ErrorKind, Result};
 use crate::fs::handlers::FuseFs;
 use crate::fs::{FsCore, MountInfo};
@@ -48,11 +49,6 @@ struct Prepared {
 }
 
 fn prepare(image: &Path, mountpoint: &Path, o: &MountOptions) -> Result<Prepared> {
-    if o.rw {
-        // mount(8) passes "rw" to helpers unless told "ro", so refusing would break
-        // `mount -t fuse.ckptfs IMAGE DIR`; say what happens instead.
-        eprintln!("ckptfs: the writable view (-o rw) is not available in this version; mounting read-only");
-    }
     let image = canonical(image, "cannot open image")?;
     let mountpoint = canonical(mountpoint, "mountpoint does not exist")?;
     check_mountpoint(&mountpoint)?;
@@ -62,18 +58,18 @@ fn prepare(image: &Path, mountpoint: &Path, o: &MountOptions) -> Result<Prepared
         .map(|d| canonical(d, "checkpoint directory"))
         .transpose()?;
     let live = o.force_share && lock::writer_present(&image);
-    let engine = setup::engine(&image, checkpoints.as_deref(), live, o.cache_mb)?;
-    let mode = if o.force_share {
-        LockMode::ForceShare
-    } else {
-        LockMode::ReadOnly
+    let engine = setup::engine(&image, checkpoints.as_deref(), live, o.cache_mb, o.rw)?;
+    let mode = match (o.rw, o.force_share) {
+        (true, _) => LockMode::ReadWrite,
+        (false, true) => LockMode::ForceShare,
+        (false, false) => LockMode::ReadOnly,
     };
     let locks = lock::lock_chain(&engine.model.chain, mode).map_err(|e| {
         if e.kind == ErrorKind::Busy {
             Error::new(
                 ErrorKind::Busy,
                 format!(
-                    "{}\n  to read it anyway, mount with -o ro,force_share",
+                    "{}\n  to read it anyway, mount with -o ro,force_share (read-only)",
                     e.msg
                 ),
             )
@@ -95,12 +91,22 @@ fn prepare(image: &Path, mountpoint: &Path, o: &MountOptions) -> Result<Prepared
         image_mode: meta.mode(),
         mtime: meta.modified().unwrap_or(std::time::SystemTime::UNIX_EPOCH),
     };
-    let core = Arc::new(FsCore::new(engine, info));
+    // Only after the locks: marking bitmaps in use writes to the image.
+    let writer = if o.rw {
+        Some(Writer::open(engine.model.chain.clone())?)
+    } else {
+        None
+    };
+    let core = Arc::new(FsCore::new(engine, info, writer));
     let mut config = Config::default();
     config.mount_options = vec![
         MountOption::FSName(image.display().to_string()),
         MountOption::Subtype("ckptfs".into()),
-        MountOption::RO,
+        if o.rw {
+            MountOption::RW
+        } else {
+            MountOption::RO
+        },
         MountOption::NoDev,
         MountOption::NoSuid,
     ];
@@ -204,6 +210,9 @@ pub fn run(image: &Path, mountpoint: &Path, o: &MountOptions, foreground: bool) 
         }
         _child => {
             drop(wr);
+            // The child owns the mount now: this process must not run the writer's close
+            // (which would store bitmaps and clear in_use under the child's feet).
+            std::mem::forget(prepared);
             let mut msg = String::new();
             let _ = std::fs::File::from(rd).read_to_string(&mut msg);
             match msg.strip_prefix("OK") {

@@ -2,6 +2,7 @@
 //! a mount. `handlers.rs` adapts it to fuser.
 
 use super::tree::{Node, Tree, ROOT};
+use crate::chain::write::Writer;
 use crate::chain::Disk;
 use crate::checkpoint::engine::{keep, Cached};
 use crate::checkpoint::{render, Engine};
@@ -73,6 +74,8 @@ pub struct FsCore {
     handles: Mutex<HashMap<u64, Arc<[u8]>>>,
     next_fh: AtomicU64,
     generated: Vec<Cached<Arc<[u8]>>>,
+    /// The writer of the top image, on `-o rw` mounts; one at a time.
+    writer: Option<Mutex<Writer>>,
 }
 
 fn not_found() -> Error {
@@ -80,13 +83,15 @@ fn not_found() -> Error {
 }
 
 impl FsCore {
-    pub fn new(engine: Engine, info: MountInfo) -> FsCore {
+    /// A core for a mount; `writer` makes current/disk.img writable (`-o rw`).
+    pub fn new(engine: Engine, info: MountInfo, writer: Option<Writer>) -> FsCore {
         let tree = Tree::build(&engine.model);
         let n = engine.model.checkpoints.len() * 6 + 8;
         FsCore {
             engine,
             tree,
             info,
+            writer: writer.map(Mutex::new),
             counters: Default::default(),
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
@@ -142,6 +147,8 @@ impl FsCore {
             Ok(Arc::from(text.into_bytes()))
         };
         let slot = match node {
+            // Content that a writer can change is never cached on rw mounts.
+            _ if self.writer.is_some() => return make(),
             Node::StatsJson => return make(),
             Node::CheckpointsJson => 0,
             Node::CurrentInfo => 1,
@@ -238,6 +245,9 @@ impl FsCore {
             Node::CurrentDisk | Node::CkptDisk(_) => {
                 a.size = self.disk(node).map_or(0, Disk::size);
                 a.blocks = self.disk_blocks(node);
+                if node == Node::CurrentDisk && self.writer.is_some() {
+                    a.perm |= (self.info.image_mode & 0o200) as u16;
+                }
             }
             Node::CkptChanged(ci) => {
                 a.size = self.engine.model.disk_size();
@@ -298,7 +308,16 @@ impl FsCore {
     pub fn open(&self, ino: u64, write: bool) -> Result<OpenMode> {
         let node = self.node(ino)?;
         if write {
-            return Err(Error::new(ErrorKind::ReadOnly, "read-only file system"));
+            match (&self.writer, node) {
+                (Some(_), Node::CurrentDisk) => {}
+                (Some(_), _) => {
+                    return Err(Error::io(
+                        "only current/disk.img is writable",
+                        std::io::Error::from_raw_os_error(libc::EACCES),
+                    ))
+                }
+                (None, _) => return Err(Error::new(ErrorKind::ReadOnly, "read-only file system")),
+            }
         }
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         match node {
@@ -313,10 +332,13 @@ impl FsCore {
             }
             _ => {}
         }
+        // On rw mounts the data behind every file but current/disk.img itself changes with
+        // writes the kernel cannot see coming: no page cache there.
+        let rw = self.writer.is_some();
         Ok(OpenMode {
             fh,
-            direct_io: node == Node::StatsJson,
-            keep_cache: node != Node::StatsJson,
+            direct_io: node == Node::StatsJson || (rw && node != Node::CurrentDisk),
+            keep_cache: node != Node::StatsJson && !rw,
         })
     }
 
@@ -419,6 +441,74 @@ impl FsCore {
                 }
             }
             _ => Ok(if want_data { off } else { size }),
+        }
+    }
+
+    fn writer(&self, ino: u64) -> Result<&Mutex<Writer>> {
+        match (&self.writer, self.node(ino)?) {
+            (Some(w), Node::CurrentDisk) => Ok(w),
+            (Some(_), _) => Err(Error::io(
+                "only current/disk.img is writable",
+                std::io::Error::from_raw_os_error(libc::EACCES),
+            )),
+            (None, _) => Err(Error::new(ErrorKind::ReadOnly, "read-only file system")),
+        }
+    }
+
+    /// Write into current/disk.img (rw mounts).
+    pub fn write(&self, ino: u64, off: u64, data: &[u8]) -> Result<usize> {
+        let w = self.writer(ino)?;
+        let r = w.lock().write(off, data);
+        self.engine.invalidate(off, data.len() as u64);
+        r?;
+        self.count(Node::CurrentDisk, data.len());
+        Ok(data.len())
+    }
+
+    /// fallocate: PUNCH_HOLE and ZERO_RANGE make the range read as zeros; plain allocation
+    /// inside the disk is a no-op; anything that would change the size is refused.
+    pub fn fallocate(&self, ino: u64, off: u64, len: u64, mode: i32) -> Result<()> {
+        let w = self.writer(ino)?;
+        let size = self.engine.current.size();
+        if off.checked_add(len).is_none_or(|e| e > size) && mode & libc::FALLOC_FL_KEEP_SIZE == 0 {
+            return Err(Error::new(ErrorKind::Refused, "size changes are refused"));
+        }
+        if mode & (libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE) == 0 {
+            return Ok(());
+        }
+        let len = len.min(size.saturating_sub(off));
+        let r = w.lock().zero(off, len);
+        self.engine.invalidate(off, len);
+        r
+    }
+
+    /// fsync/fdatasync of current/disk.img.
+    pub fn fsync(&self, ino: u64) -> Result<()> {
+        match &self.writer {
+            Some(w) if self.node(ino)? == Node::CurrentDisk => w.lock().flush(),
+            _ => Ok(()),
+        }
+    }
+
+    /// truncate and friends: only "no change" is accepted.
+    pub fn set_size(&self, ino: u64, size: u64) -> Result<()> {
+        let node = self.node(ino)?;
+        if node == Node::CurrentDisk && self.writer.is_some() && size == self.engine.current.size()
+        {
+            return Ok(());
+        }
+        match self.writer {
+            None => Err(Error::new(ErrorKind::ReadOnly, "read-only file system")),
+            Some(_) => Err(Error::new(ErrorKind::Refused, "size changes are refused")),
+        }
+    }
+
+    /// Store bitmaps and clear in_use (clean unmount).
+    pub fn shutdown(&self) {
+        if let Some(w) = &self.writer {
+            if let Err(e) = w.lock().close() {
+                log::error!("closing the image: {e}");
+            }
         }
     }
 

@@ -24,6 +24,8 @@ pub struct BitmapEntry {
     pub bitmap_type: u8,
     pub granularity_bits: u8,
     pub extra_data_size: u32,
+    /// Byte offset of this entry inside the directory (for in-place flag updates).
+    pub dir_pos: usize,
 }
 
 impl BitmapEntry {
@@ -135,6 +137,7 @@ pub fn parse_directory(dir: &[u8], nb: u32, cluster_size: u64) -> Result<Vec<Bit
             bitmap_type,
             granularity_bits,
             extra_data_size,
+            dir_pos: off,
         });
         off = (name_start + name_size).div_ceil(8) * 8;
     }

@@ -49,6 +49,9 @@ pub enum BitmapCluster {
     Data(Arc<[u8]>),
 }
 
+/// Bitmap data clusters changed in memory, by (bitmap index, table index).
+pub type BitmapOverlay = std::collections::HashMap<(usize, u64), Arc<[u8]>>;
+
 /// Byte budget for this image's metadata caches.
 const L2_CACHE_BYTES: usize = 16 << 20;
 const DATA_CACHE_BYTES: usize = 8 << 20;
@@ -56,13 +59,19 @@ const DATA_CACHE_BYTES: usize = 8 << 20;
 pub struct Qcow2Image {
     pub path: PathBuf,
     file: File,
-    file_len: u64,
+    /// Grows while a writer appends clusters.
+    file_len: std::sync::atomic::AtomicU64,
     pub header: Header,
     pub geo: Geometry,
     l1: RwLock<Vec<u64>>,
     pub bitmaps: Vec<Bitmap>,
     pub snapshots: Vec<Snapshot>,
     l2_cache: Mutex<LruCache<u64, Arc<[u64]>>>,
+    /// Bumped (under the cache lock) whenever a writer changes an L2 table, so a reader that
+    /// loaded a table from disk before the change does not cache the stale copy.
+    l2_gen: std::sync::atomic::AtomicU64,
+    /// Bitmap data clusters changed by a writer and not yet stored: (bitmap, table index).
+    bitmap_overlay: Mutex<BitmapOverlay>,
     cluster_cache: Mutex<LruCache<u64, Arc<[u8]>>>,
     /// Compressed clusters decompressed so far (for stats.json).
     pub decompressed: std::sync::atomic::AtomicU64,
@@ -115,11 +124,13 @@ impl Qcow2Image {
         let mut img = Qcow2Image {
             path: path.to_path_buf(),
             file,
-            file_len,
+            file_len: file_len.into(),
             l1: RwLock::new(Vec::new()),
             bitmaps: Vec::new(),
             snapshots: Vec::new(),
             l2_cache: Mutex::new(LruCache::new(cap(L2_CACHE_BYTES, cs))),
+            l2_gen: Default::default(),
+            bitmap_overlay: Default::default(),
             cluster_cache: Mutex::new(LruCache::new(cap(DATA_CACHE_BYTES, cs))),
             decompressed: Default::default(),
             geo,
@@ -134,7 +145,13 @@ impl Qcow2Image {
     }
 
     pub fn file_len(&self) -> u64 {
+        self.file_len.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Writer side: the file now extends at least to `end`.
+    pub fn note_file_end(&self, end: u64) {
         self.file_len
+            .fetch_max(end, std::sync::atomic::Ordering::AcqRel);
     }
 
     pub fn file(&self) -> &File {
@@ -159,13 +176,13 @@ impl Qcow2Image {
         // checking here bounds every allocation by the file's size, whatever the image claims.
         if len
             > self
-                .file_len
+                .file_len()
                 .saturating_sub(off)
                 .saturating_add(self.geo.cluster_size())
         {
             return Err(Error::corrupt(format!(
                 "{what} ({len} bytes at {off:#x}) runs past the end of the file ({} bytes)",
-                self.file_len
+                self.file_len()
             )));
         }
         let len = usize::try_from(len).map_err(|_| Error::corrupt(format!("{what} too large")))?;
@@ -180,7 +197,7 @@ impl Qcow2Image {
             return Ok(Vec::new());
         }
         let cs = self.geo.cluster_size();
-        check_region(what, offset, u64::from(entries) * 8, cs, self.file_len)?;
+        check_region(what, offset, u64::from(entries) * 8, cs, self.file_len())?;
         let l1 = u64_table(&self.read_meta(offset, u64::from(entries) * 8, what)?);
         for (i, &e) in l1.iter().enumerate() {
             let l2 = l1_entry_offset(e, cs).map_err(|e| e.context(format!("{what} entry {i}")))?;
@@ -190,7 +207,7 @@ impl Qcow2Image {
                     l2,
                     cs,
                     cs,
-                    self.file_len,
+                    self.file_len(),
                 )?;
             }
         }
@@ -235,7 +252,7 @@ impl Qcow2Image {
             return Ok(());
         }
         // Each entry is at most 40 + 1024 + 2 * 65535 bytes; read what exists, capped.
-        let max = (u64::from(nb) * 1200).min(self.file_len - self.header.snapshots_offset);
+        let max = (u64::from(nb) * 1200).min(self.file_len() - self.header.snapshots_offset);
         let buf = self.read_meta(self.header.snapshots_offset, max, "snapshot table")?;
         let (entries, _) = snapshot::parse_table(&buf, nb)?;
         for e in entries {
@@ -258,7 +275,7 @@ impl Qcow2Image {
                 e.l1_table_offset,
                 u64::from(e.l1_size) * 8,
                 self.geo.cluster_size(),
-                self.file_len,
+                self.file_len(),
             )?;
             self.snapshots.push(Snapshot {
                 entry: e,
@@ -285,7 +302,7 @@ impl Qcow2Image {
             ext.bitmap_directory_offset,
             ext.bitmap_directory_size,
             cs,
-            self.file_len,
+            self.file_len(),
         )?;
         let dir = self.read_meta(
             ext.bitmap_directory_offset,
@@ -301,7 +318,7 @@ impl Qcow2Image {
                     entry.bitmap_table_offset,
                     u64::from(entry.bitmap_table_size) * 8,
                     cs,
-                    self.file_len,
+                    self.file_len(),
                 )?;
             }
             let distrust = if !autoclear_ok {
@@ -369,13 +386,51 @@ impl Qcow2Image {
 
     /// The L2 table at `off` (entries; two words each with extended L2).
     pub fn l2_table(&self, off: u64) -> Result<Arc<[u64]>> {
-        if let Some(t) = self.l2_cache.lock().get(&off) {
-            return Ok(t.clone());
-        }
+        let gen = {
+            let mut c = self.l2_cache.lock();
+            if let Some(t) = c.get(&off) {
+                return Ok(t.clone());
+            }
+            self.l2_gen.load(std::sync::atomic::Ordering::Acquire)
+        };
         let cs = self.geo.cluster_size();
         let t: Arc<[u64]> = u64_table(&self.read_meta(off, cs, "L2 table")?).into();
-        self.l2_cache.lock().put(off, t.clone());
+        let mut c = self.l2_cache.lock();
+        if self.l2_gen.load(std::sync::atomic::Ordering::Acquire) == gen {
+            c.put(off, t.clone());
+        }
         Ok(t)
+    }
+
+    /// Writer side: `table` is now the content of the L2 table at `off` (already on disk).
+    pub fn l2_updated(&self, off: u64, table: Arc<[u64]>) {
+        let mut c = self.l2_cache.lock();
+        self.l2_gen
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        c.put(off, table);
+    }
+
+    /// Writer side: the active L1 entry `idx` is now `entry` (already on disk).
+    pub fn l1_updated(&self, idx: usize, entry: u64) {
+        let mut l1 = self.l1.write();
+        if let Some(e) = l1.get_mut(idx) {
+            *e = entry;
+        }
+    }
+
+    /// Writer side: the bits of bitmap `i`'s table entry `idx` are now `data` (in memory only).
+    pub fn bitmap_overlay_set(&self, i: usize, idx: u64, data: Arc<[u8]>) {
+        self.bitmap_overlay.lock().insert((i, idx), data);
+    }
+
+    /// The changed bitmap clusters not yet stored.
+    pub fn bitmap_overlay_take(&self) -> BitmapOverlay {
+        std::mem::take(&mut *self.bitmap_overlay.lock())
+    }
+
+    /// Forget a decompressed cluster whose host bytes were freed.
+    pub fn forget_cluster(&self, host_off: u64) {
+        self.cluster_cache.lock().pop(&host_off);
     }
 
     /// Where guest offset `off` lives in this layer, and for how many bytes (at most `len`)
@@ -439,15 +494,15 @@ impl Qcow2Image {
 
     fn check_host(&self, (m, run): (Mapping, u64)) -> Result<(Mapping, u64)> {
         match m {
-            Mapping::Data(h) if h >= self.file_len => Err(Error::corrupt(format!(
+            Mapping::Data(h) if h >= self.file_len() => Err(Error::corrupt(format!(
                 "data cluster at {h:#x} lies past the end of the file ({} bytes)",
-                self.file_len
+                self.file_len()
             ))),
             Mapping::Data(h) if h < self.geo.cluster_size() => Err(Error::corrupt(format!(
                 "data cluster at {h:#x} overlaps the header"
             ))),
             Mapping::Compressed { host_off, .. }
-                if host_off >= self.file_len || host_off < self.geo.cluster_size() =>
+                if host_off >= self.file_len() || host_off < self.geo.cluster_size() =>
             {
                 Err(Error::corrupt(format!(
                     "compressed cluster at {host_off:#x} lies outside the file's data area"
@@ -519,7 +574,7 @@ impl Qcow2Image {
                 u64_table(&raw)
                     .into_iter()
                     .map(|e| match bitmaps::decode_table_entry(e, cs)? {
-                        TableEntry::Data(off) if off >= self.file_len => {
+                        TableEntry::Data(off) if off >= self.file_len() => {
                             Err(Error::corrupt(format!(
                                 "bitmap '{}' data cluster {off:#x} lies past the end of the file",
                                 bm.entry.name
@@ -537,6 +592,9 @@ impl Qcow2Image {
 
     /// The bits held by table entry `idx` of bitmap `i` (one cluster's worth).
     pub fn bitmap_cluster(&self, i: usize, idx: u64) -> Result<BitmapCluster> {
+        if let Some(d) = self.bitmap_overlay.lock().get(&(i, idx)) {
+            return Ok(BitmapCluster::Data(d.clone()));
+        }
         let table = self.bitmap_table(i)?;
         let Some(&entry) = table.get(idx as usize) else {
             return Ok(BitmapCluster::Fill(false));

@@ -7,6 +7,7 @@ pub mod compress;
 pub mod header;
 pub mod image;
 pub mod l2;
+pub mod refcount;
 pub mod snapshot;
 
 pub use image::{Bitmap, BitmapCluster, Qcow2Image, Snapshot, Table};

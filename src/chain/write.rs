@@ -1,0 +1,463 @@
+//! Writing the current disk into the top image as QEMU would: in place where the cluster is
+//! allocated and unshared, else a new cluster holding the copy-on-write of the current content
+//! (backing data, zeros, a decompressed cluster, unallocated subclusters) plus the new bytes.
+//! Zeroing whole clusters sets zero flags. Every enabled trusted bitmap of the top image is
+//! marked in memory and stored at close.
+//!
+//! Ordering (crash leaves at most leaks): new clusters' refcounts and data and new L2 tables are
+//! flushed before any L2/L1 entry points at them; freed clusters lose their refcount only after
+//! the entry that dropped them is flushed.
+
+use super::open::Chain;
+use super::read::Disk;
+use crate::error::{Error, ErrorKind, Result};
+use crate::qcow2::bitmaps::{decode_table_entry, TableEntry, FLAG_IN_USE};
+use crate::qcow2::header::{AUTOCLEAR_BITMAPS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
+use crate::qcow2::l2::{L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO};
+use crate::qcow2::refcount::Refcounts;
+use crate::qcow2::{BitmapCluster, Qcow2Image, Table};
+use std::collections::BTreeMap;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+
+const ALL_ALLOC: u64 = 0x0000_0000_ffff_ffff;
+const ALL_ZERO: u64 = 0xffff_ffff_0000_0000;
+
+pub struct Writer {
+    chain: Arc<Chain>,
+    rc: Refcounts,
+    /// Top-image bitmaps that record writes (enabled and trusted).
+    marks: Vec<usize>,
+    closed: bool,
+}
+
+fn wio(what: &str, e: std::io::Error) -> Error {
+    Error::io(what.to_string(), e)
+}
+
+/// What one guest cluster's L2 entry becomes.
+struct Update {
+    gc: u64,
+    entry: u64,
+    bitmap: u64,
+}
+
+impl Writer {
+    /// Prepare the top image for writing: refuse what cannot be written safely, mark the
+    /// bitmaps in use (as QEMU does on a read-write open).
+    pub fn open(chain: Arc<Chain>) -> Result<Writer> {
+        let q = chain
+            .top()
+            .qcow2()
+            .ok_or_else(|| Error::unsupported("the top image is not qcow2"))?;
+        let name = q.path.display().to_string();
+        let h = &q.header;
+        let refuse = |m: &str| {
+            Err(Error::unsupported(format!(
+                "{name}: cannot mount read-write: {m}"
+            )))
+        };
+        if h.incompatible_features & INCOMPAT_CORRUPT != 0 {
+            return refuse("the image is marked corrupt (qemu-img check -r all)");
+        }
+        if h.incompatible_features & INCOMPAT_DIRTY != 0 {
+            return refuse("the image is dirty (lazy refcounts); run qemu-img check -r all first");
+        }
+        if h.nb_snapshots > 0 {
+            return refuse("it has internal snapshots (shared clusters are not written by ckptfs)");
+        }
+        let rc = Refcounts::load(q)?;
+        let autoclear_ok = h.autoclear_features & AUTOCLEAR_BITMAPS != 0;
+        let marks: Vec<usize> = if autoclear_ok {
+            (0..q.bitmaps.len())
+                .filter(|&i| q.bitmaps[i].entry.auto() && q.bitmaps[i].distrust.is_none())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let fix_autoclear = autoclear_ok && h.autoclear_features != AUTOCLEAR_BITMAPS;
+        let mut w = Writer {
+            chain: chain.clone(),
+            rc,
+            marks,
+            closed: false,
+        };
+        if fix_autoclear {
+            // A writer must clear the autoclear bits it does not know.
+            w.file()
+                .write_all_at(&AUTOCLEAR_BITMAPS.to_be_bytes(), 88)
+                .map_err(|e| wio("write header", e))?;
+        }
+        w.set_in_use(true)?;
+        Ok(w)
+    }
+
+    fn q(&self) -> &Qcow2Image {
+        self.chain.top().qcow2().expect("checked at open")
+    }
+
+    fn file(&self) -> &std::fs::File {
+        self.q().file()
+    }
+
+    /// Set or clear in_use on every trusted bitmap of the top image, in the directory in place.
+    fn set_in_use(&mut self, on: bool) -> Result<()> {
+        let q = self.q();
+        let Some(ext) = q.header.bitmaps else {
+            return Ok(());
+        };
+        if q.header.autoclear_features & AUTOCLEAR_BITMAPS == 0 {
+            return Ok(());
+        }
+        for b in q.bitmaps.iter().filter(|b| b.distrust.is_none()) {
+            let flags = if on {
+                b.entry.flags | FLAG_IN_USE
+            } else {
+                b.entry.flags & !FLAG_IN_USE
+            };
+            let at = ext.bitmap_directory_offset + b.entry.dir_pos as u64 + 12;
+            q.file()
+                .write_all_at(&flags.to_be_bytes(), at)
+                .map_err(|e| wio("write bitmap directory", e))?;
+        }
+        q.file().sync_data().map_err(|e| wio("flush", e))
+    }
+
+    fn size(&self) -> u64 {
+        self.q().size()
+    }
+
+    fn check_range(&self, off: u64, len: u64) -> Result<()> {
+        if off.checked_add(len).is_none_or(|e| e > self.size()) {
+            return Err(Error::new(
+                ErrorKind::Refused,
+                format!("write at {off}+{len} goes past the end of the disk ({} bytes): size changes are refused", self.size()),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Current (entry, bitmap) of guest cluster `gc`, and the L2 table offset (0 if none).
+    fn entry(&self, gc: u64) -> Result<(u64, u64, u64)> {
+        let q = self.q();
+        let per = q.geo.l2_entries();
+        let l2 = q.l2_offset(Table::Active, gc / per)?;
+        if l2 == 0 {
+            return Ok((0, 0, 0));
+        }
+        let t = q.l2_table(l2)?;
+        let words = if q.geo.extended { 2 } else { 1 };
+        let i = ((gc % per) * words) as usize;
+        let e = t.get(i).copied().unwrap_or(0);
+        let b = if words == 2 {
+            t.get(i + 1).copied().unwrap_or(0)
+        } else {
+            0
+        };
+        Ok((e, b, l2))
+    }
+
+    /// Host clusters to release when an entry stops pointing at them.
+    fn freed_by(&self, entry: u64) -> Vec<u64> {
+        let q = self.q();
+        let cb = q.geo.cluster_bits;
+        if entry & OFLAG_COMPRESSED != 0 {
+            let (host, len) = q.geo.compressed_span(entry);
+            q.forget_cluster(host);
+            return ((host >> cb)..=((host + len - 1) >> cb)).collect();
+        }
+        let off = entry & L2E_OFFSET_MASK;
+        if off != 0 {
+            vec![off >> cb]
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// A new host cluster (refcount 1).
+    fn alloc(&mut self) -> Result<u64> {
+        let q = self.chain.top().qcow2().expect("qcow2");
+        let off = self.rc.alloc(q.file())?;
+        q.note_file_end(off + q.geo.cluster_size());
+        Ok(off)
+    }
+
+    /// An unshared, allocated, non-compressed host cluster this entry owns, if any.
+    fn owned_host(&self, entry: u64) -> Option<u64> {
+        let off = entry & L2E_OFFSET_MASK;
+        (entry & OFLAG_COMPRESSED == 0 && entry & OFLAG_COPIED != 0 && off != 0).then_some(off)
+    }
+
+    /// Write `data` at guest offset `off`.
+    pub fn write(&mut self, off: u64, data: &[u8]) -> Result<()> {
+        self.check_range(off, data.len() as u64)?;
+        let cs = self.q().geo.cluster_size();
+        let extended = self.q().geo.extended;
+        let mut updates = Vec::new();
+        let mut frees = Vec::new();
+        let mut allocated = false;
+        let mut pos = 0usize;
+        while pos < data.len() {
+            let at = off + pos as u64;
+            let gc = at / cs;
+            let in_off = at % cs;
+            let n = ((cs - in_off) as usize).min(data.len() - pos);
+            let chunk = &data[pos..pos + n];
+            let (e, b, _) = self.entry(gc)?;
+            let fully_mapped = if extended {
+                b == ALL_ALLOC
+            } else {
+                e & OFLAG_ZERO == 0
+            };
+            match self.owned_host(e) {
+                Some(host) if fully_mapped => {
+                    self.file()
+                        .write_all_at(chunk, host + in_off)
+                        .map_err(|er| wio("write data", er))?;
+                }
+                owned => {
+                    // Copy-on-write: the cluster as it reads now, with the new bytes on top.
+                    let mut buf = vec![0u8; cs as usize];
+                    if n as u64 != cs {
+                        Disk::new(self.chain.clone(), 0, Table::Active).read(gc * cs, &mut buf)?;
+                    }
+                    buf[in_off as usize..in_off as usize + n].copy_from_slice(chunk);
+                    let host = match owned {
+                        Some(h) => h,
+                        None => {
+                            frees.extend(self.freed_by(e));
+                            allocated = true;
+                            self.alloc()?
+                        }
+                    };
+                    self.file()
+                        .write_all_at(&buf, host)
+                        .map_err(|er| wio("write data", er))?;
+                    let bitmap = if extended { ALL_ALLOC } else { 0 };
+                    updates.push(Update {
+                        gc,
+                        entry: host | OFLAG_COPIED,
+                        bitmap,
+                    });
+                }
+            }
+            pos += n;
+        }
+        self.commit(updates, frees, allocated)?;
+        self.mark(off, data.len() as u64)
+    }
+
+    /// Make `[off, off+len)` read as zeros: whole clusters become zero clusters (v3), edges and
+    /// v2 images are written with zeros.
+    pub fn zero(&mut self, off: u64, len: u64) -> Result<()> {
+        self.check_range(off, len)?;
+        let q = self.q();
+        let cs = q.geo.cluster_size();
+        let extended = q.geo.extended;
+        let v3 = q.header.version >= 3;
+        let end = off + len;
+        let first_full = off.div_ceil(cs) * cs;
+        let last_full = (end / cs) * cs;
+        if !v3 || first_full >= last_full {
+            return self.write_zeros(off, len);
+        }
+        self.write_zeros(off, first_full - off)?;
+        let mut updates = Vec::new();
+        let mut frees = Vec::new();
+        for gc in first_full / cs..last_full / cs {
+            let (e, b, _) = self.entry(gc)?;
+            let (entry, bitmap) = match self.owned_host(e) {
+                // Keep the allocation, as `write -z` does; the data is no longer read.
+                Some(host) => (
+                    host | OFLAG_COPIED | if extended { 0 } else { OFLAG_ZERO },
+                    if extended { ALL_ZERO } else { 0 },
+                ),
+                None => {
+                    frees.extend(self.freed_by(e));
+                    if extended {
+                        (0, ALL_ZERO)
+                    } else {
+                        (OFLAG_ZERO, 0)
+                    }
+                }
+            };
+            if (entry, bitmap) != (e, b) {
+                updates.push(Update { gc, entry, bitmap });
+            }
+        }
+        self.commit(updates, frees, false)?;
+        self.write_zeros(last_full, end - last_full)?;
+        self.mark(off, len)
+    }
+
+    fn write_zeros(&mut self, off: u64, len: u64) -> Result<()> {
+        let mut at = off;
+        let zeros = vec![0u8; (len.min(1 << 20)) as usize];
+        while at < off + len {
+            let n = (off + len - at).min(zeros.len() as u64) as usize;
+            self.write(at, &zeros[..n])?;
+            at += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Point L2 entries at their new clusters, creating L2 tables where needed, in crash-safe
+    /// order, then release what they no longer reference.
+    fn commit(&mut self, updates: Vec<Update>, frees: Vec<u64>, allocated: bool) -> Result<()> {
+        if updates.is_empty() {
+            return Ok(());
+        }
+        let q = self.chain.top().qcow2().expect("qcow2");
+        let file = q.file();
+        let per = q.geo.l2_entries();
+        let words = if q.geo.extended { 2 } else { 1 };
+        // Group by L2 table.
+        let mut by_table: BTreeMap<u64, Vec<&Update>> = BTreeMap::new();
+        for u in &updates {
+            by_table.entry(u.gc / per).or_default().push(u);
+        }
+        let mut new_tables = Vec::new();
+        let mut edits = Vec::new();
+        for (l1_idx, ups) in by_table {
+            let l2 = q.l2_offset(Table::Active, l1_idx)?;
+            let (l2, mut table) = if l2 == 0 {
+                let t = self.rc.alloc(file)?;
+                q.note_file_end(t + q.geo.cluster_size());
+                (t, vec![0u64; (per * words) as usize])
+            } else {
+                (l2, q.l2_table(l2)?.to_vec())
+            };
+            let fresh = q.l2_offset(Table::Active, l1_idx)? == 0;
+            for u in &ups {
+                let i = ((u.gc % per) * words) as usize;
+                table[i] = u.entry;
+                if words == 2 {
+                    table[i + 1] = u.bitmap;
+                }
+            }
+            if fresh {
+                let bytes: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
+                file.write_all_at(&bytes, l2)
+                    .map_err(|e| wio("write L2 table", e))?;
+                new_tables.push((l1_idx, l2, table));
+            } else {
+                edits.push((
+                    l2,
+                    ups.iter().map(|u| u.gc % per).collect::<Vec<_>>(),
+                    table,
+                ));
+            }
+        }
+        if allocated || !new_tables.is_empty() {
+            file.sync_data().map_err(|e| wio("flush", e))?;
+        }
+        for (l2, idxs, table) in edits {
+            for i in idxs {
+                let w = (i * words) as usize;
+                let bytes: Vec<u8> = table[w..w + words as usize]
+                    .iter()
+                    .flat_map(|e| e.to_be_bytes())
+                    .collect();
+                file.write_all_at(&bytes, l2 + (w as u64) * 8)
+                    .map_err(|e| wio("write L2 entry", e))?;
+            }
+            q.l2_updated(l2, table.into());
+        }
+        for (l1_idx, l2, table) in new_tables {
+            let e = l2 | OFLAG_COPIED;
+            let at = q.header.l1_table_offset + l1_idx * 8;
+            file.write_all_at(&e.to_be_bytes(), at)
+                .map_err(|er| wio("write L1 entry", er))?;
+            q.l2_updated(l2, table.into());
+            q.l1_updated(l1_idx as usize, e);
+        }
+        if !frees.is_empty() {
+            file.sync_data().map_err(|e| wio("flush", e))?;
+            for c in frees {
+                self.rc.decrement(file, c)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Record `[off, off+len)` in every enabled bitmap of the top image (in memory).
+    fn mark(&mut self, off: u64, len: u64) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let q = self.chain.top().qcow2().expect("qcow2");
+        let bits_per_cluster = q.geo.cluster_size() * 8;
+        for &bi in &self.marks {
+            let g = q.bitmaps[bi].entry.granularity();
+            let (k0, k1) = (off / g, (off + len).div_ceil(g));
+            let mut k = k0;
+            while k < k1 {
+                let idx = k / bits_per_cluster;
+                let end = ((idx + 1) * bits_per_cluster).min(k1);
+                let mut data = match q.bitmap_cluster(bi, idx)? {
+                    BitmapCluster::Fill(true) => {
+                        k = end;
+                        continue;
+                    }
+                    BitmapCluster::Fill(false) => vec![0u8; q.geo.cluster_size() as usize],
+                    BitmapCluster::Data(d) => d.to_vec(),
+                };
+                for j in k..end {
+                    let r = j - idx * bits_per_cluster;
+                    data[(r / 8) as usize] |= 1 << (r % 8);
+                }
+                q.bitmap_overlay_set(bi, idx, data.into());
+                k = end;
+            }
+        }
+        Ok(())
+    }
+
+    /// Make everything written so far durable.
+    pub fn flush(&self) -> Result<()> {
+        self.file().sync_data().map_err(|e| wio("flush", e))
+    }
+
+    /// Store the marked bitmap clusters, then clear in_use (a clean close).
+    pub fn close(&mut self) -> Result<()> {
+        if self.closed {
+            return Ok(());
+        }
+        self.closed = true;
+        let q = self.chain.top().qcow2().expect("qcow2");
+        let file = q.file();
+        let cs = q.geo.cluster_size();
+        for ((bi, idx), data) in q.bitmap_overlay_take() {
+            let b = &q.bitmaps[bi].entry;
+            let slot = b.bitmap_table_offset + idx * 8;
+            let mut raw = [0u8; 8];
+            file.read_exact_at(&mut raw, slot)
+                .map_err(|e| wio("read bitmap table", e))?;
+            let host = match decode_table_entry(u64::from_be_bytes(raw), cs)? {
+                TableEntry::Data(off) if self.rc.get(file, off >> q.geo.cluster_bits)? == 1 => off,
+                _ => {
+                    let off = self.rc.alloc(file)?;
+                    q.note_file_end(off + cs);
+                    file.write_all_at(&data, off)
+                        .map_err(|e| wio("write bitmap data", e))?;
+                    file.sync_data().map_err(|e| wio("flush", e))?;
+                    file.write_all_at(&off.to_be_bytes(), slot)
+                        .map_err(|e| wio("write bitmap table", e))?;
+                    continue;
+                }
+            };
+            file.write_all_at(&data, host)
+                .map_err(|e| wio("write bitmap data", e))?;
+        }
+        file.sync_data().map_err(|e| wio("flush", e))?;
+        self.set_in_use(false)
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        if let Err(e) = self.close() {
+            log::error!("{}: closing the image failed: {e}", self.q().path.display());
+        }
+    }
+}

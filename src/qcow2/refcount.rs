@@ -1,0 +1,274 @@
+//! Refcount table and blocks, for writers (docs/interop/qcow2.rst, "Host cluster management").
+//! Allocation follows QEMU's rules: refcount blocks describe `per_block` clusters each; a block
+//! for a range nobody uses yet is placed in the first cluster of that range and counts itself;
+//! a full table is replaced by a larger one placed in a fresh range, switched in by one header
+//! write. Every change is written through (the caller decides when to flush).
+
+use super::bytes::u64_table;
+use super::image::Qcow2Image;
+use crate::error::{Error, Result};
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+
+const OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
+
+pub struct Refcounts {
+    cluster_bits: u32,
+    bits: u64,
+    table_offset: u64,
+    table_clusters: u64,
+    table: Vec<u64>,
+    blocks: HashMap<u64, Vec<u8>>,
+    /// No cluster below this is free (a search hint, lowered when clusters are freed).
+    next_free: u64,
+}
+
+fn io(what: &str, e: std::io::Error) -> Error {
+    Error::io(what.to_string(), e)
+}
+
+impl Refcounts {
+    pub fn load(img: &Qcow2Image) -> Result<Refcounts> {
+        let h = &img.header;
+        let cs = img.geo.cluster_size();
+        let n = u64::from(h.refcount_table_clusters) * cs;
+        let mut buf = vec![0u8; n as usize];
+        super::image::read_exact_or_zero(img.file(), h.refcount_table_offset, &mut buf)
+            .map_err(|e| io("read refcount table", e))?;
+        Ok(Refcounts {
+            cluster_bits: h.cluster_bits,
+            bits: 1 << h.refcount_order,
+            table_offset: h.refcount_table_offset,
+            table_clusters: u64::from(h.refcount_table_clusters),
+            table: u64_table(&buf),
+            blocks: HashMap::new(),
+            next_free: 1,
+        })
+    }
+
+    fn cs(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+
+    fn per_block(&self) -> u64 {
+        self.cs() * 8 / self.bits
+    }
+
+    fn block(&mut self, file: &File, off: u64) -> Result<&mut Vec<u8>> {
+        if !self.blocks.contains_key(&off) {
+            let mut b = vec![0u8; self.cs() as usize];
+            super::image::read_exact_or_zero(file, off, &mut b)
+                .map_err(|e| io("read refcount block", e))?;
+            self.blocks.insert(off, b);
+        }
+        Ok(self.blocks.get_mut(&off).expect("just inserted"))
+    }
+
+    fn get_in(block: &[u8], i: u64, bits: u64) -> u64 {
+        if bits < 8 {
+            let byte = block[(i * bits / 8) as usize];
+            (u64::from(byte) >> ((i * bits) % 8)) & ((1 << bits) - 1)
+        } else {
+            let n = (bits / 8) as usize;
+            let at = i as usize * n;
+            block[at..at + n]
+                .iter()
+                .fold(0u64, |v, &b| (v << 8) | u64::from(b))
+        }
+    }
+
+    /// Set entry `i` of `block`; returns the byte range that changed.
+    fn set_in(block: &mut [u8], i: u64, bits: u64, v: u64) -> (usize, usize) {
+        if bits < 8 {
+            let at = (i * bits / 8) as usize;
+            let shift = (i * bits) % 8;
+            let mask = (((1u16 << bits) - 1) as u8) << shift;
+            block[at] = (block[at] & !mask) | (((v as u8) << shift) & mask);
+            (at, at + 1)
+        } else {
+            let n = (bits / 8) as usize;
+            let at = i as usize * n;
+            for k in 0..n {
+                block[at + k] = (v >> (8 * (n - 1 - k))) as u8;
+            }
+            (at, at + n)
+        }
+    }
+
+    /// Refcount of host cluster `c` (0 where no block exists).
+    pub fn get(&mut self, file: &File, c: u64) -> Result<u64> {
+        let per = self.per_block();
+        let Some(&e) = self.table.get((c / per) as usize) else {
+            return Ok(0);
+        };
+        let off = e & OFFSET_MASK;
+        if off == 0 {
+            return Ok(0);
+        }
+        let bits = self.bits;
+        let b = self.block(file, off)?;
+        Ok(Self::get_in(b, c % per, bits))
+    }
+
+    /// Set the refcount of cluster `c`, whose block must exist.
+    pub fn set(&mut self, file: &File, c: u64, v: u64) -> Result<()> {
+        let per = self.per_block();
+        let bits = self.bits;
+        if bits < 64 && v >= 1 << bits {
+            return Err(Error::unsupported(format!(
+                "refcount of cluster {c} would overflow {bits} bits"
+            )));
+        }
+        let off = self
+            .table
+            .get((c / per) as usize)
+            .map_or(0, |e| e & OFFSET_MASK);
+        if off == 0 {
+            return Err(Error::corrupt(format!("no refcount block for cluster {c}")));
+        }
+        let b = self.block(file, off)?;
+        let (s, e) = Self::set_in(b, c % per, bits, v);
+        file.write_all_at(&b[s..e], off + s as u64)
+            .map_err(|e| io("write refcount block", e))?;
+        if v == 0 && c < self.next_free {
+            self.next_free = c;
+        }
+        Ok(())
+    }
+
+    /// Drop one reference to cluster `c`.
+    pub fn decrement(&mut self, file: &File, c: u64) -> Result<()> {
+        let v = self.get(file, c)?;
+        if v == 0 {
+            return Err(Error::corrupt(format!(
+                "refcount of cluster {c} is already 0"
+            )));
+        }
+        self.set(file, c, v - 1)
+    }
+
+    /// Allocate one free cluster (refcount set to 1, written through); returns its offset.
+    pub fn alloc(&mut self, file: &File) -> Result<u64> {
+        let per = self.per_block();
+        let mut c = self.next_free.max(1);
+        loop {
+            let ti = c / per;
+            if ti >= self.table.len() as u64 {
+                self.grow(file)?;
+                continue;
+            }
+            let off = self.table[ti as usize] & OFFSET_MASK;
+            if off == 0 {
+                self.new_block_for_range(file, ti)?;
+                continue;
+            }
+            let bits = self.bits;
+            let block = self.block(file, off)?;
+            let mut i = c % per;
+            while i < per && Self::get_in(block, i, bits) != 0 {
+                i += 1;
+            }
+            if i == per {
+                c = (ti + 1) * per;
+                continue;
+            }
+            c = ti * per + i;
+            self.set(file, c, 1)?;
+            self.next_free = c + 1;
+            return Ok(c << self.cluster_bits);
+        }
+    }
+
+    /// A refcount block for the unused range `ti`, stored in the range's first cluster.
+    fn new_block_for_range(&mut self, file: &File, ti: u64) -> Result<()> {
+        let per = self.per_block();
+        let base = ti * per;
+        let off = base << self.cluster_bits;
+        let mut b = vec![0u8; self.cs() as usize];
+        Self::set_in(&mut b, 0, self.bits, 1);
+        file.write_all_at(&b, off)
+            .map_err(|e| io("write refcount block", e))?;
+        file.sync_data().map_err(|e| io("flush", e))?;
+        let entry = off.to_be_bytes();
+        file.write_all_at(&entry, self.table_offset + ti * 8)
+            .map_err(|e| io("write refcount table", e))?;
+        file.sync_data().map_err(|e| io("flush", e))?;
+        self.table[ti as usize] = off;
+        self.blocks.insert(off, b);
+        Ok(())
+    }
+
+    /// Replace a full refcount table with one twice as large, placed (with the block that
+    /// counts it) in the first range past everything the old table describes.
+    fn grow(&mut self, file: &File) -> Result<()> {
+        let per = self.per_block();
+        let cs = self.cs();
+        let old_entries = self.table.len() as u64;
+        let new_clusters = (self.table_clusters * 2).max(1);
+        if new_clusters * cs > 8 << 20 || new_clusters + 1 > per {
+            return Err(Error::io(
+                "refcount table is at QEMU's maximum size",
+                std::io::Error::from_raw_os_error(libc::ENOSPC),
+            ));
+        }
+        let base = old_entries * per; // first cluster of the first undescribed range
+        let block_off = base << self.cluster_bits;
+        let table_off = (base + 1) << self.cluster_bits;
+        let mut block = vec![0u8; cs as usize];
+        for i in 0..=new_clusters {
+            Self::set_in(&mut block, i, self.bits, 1);
+        }
+        let mut table = self.table.clone();
+        table.resize((new_clusters * cs / 8) as usize, 0);
+        table[old_entries as usize] = block_off;
+        let bytes: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
+        file.write_all_at(&block, block_off)
+            .map_err(|e| io("write refcount block", e))?;
+        file.write_all_at(&bytes, table_off)
+            .map_err(|e| io("write refcount table", e))?;
+        file.sync_data().map_err(|e| io("flush", e))?;
+        let mut hdr = [0u8; 12];
+        hdr[..8].copy_from_slice(&table_off.to_be_bytes());
+        hdr[8..].copy_from_slice(&(new_clusters as u32).to_be_bytes());
+        file.write_all_at(&hdr, 48)
+            .map_err(|e| io("write header", e))?;
+        file.sync_data().map_err(|e| io("flush", e))?;
+        let (old_off, old_clusters) = (self.table_offset, self.table_clusters);
+        self.table = table;
+        self.table_offset = table_off;
+        self.table_clusters = new_clusters;
+        self.blocks.insert(block_off, block);
+        for k in 0..old_clusters {
+            self.decrement(file, (old_off >> self.cluster_bits) + k)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packed_widths() {
+        for bits in [1u64, 2, 4, 8, 16, 32, 64] {
+            let mut b = vec![0u8; 64];
+            let max = if bits == 64 {
+                u64::MAX
+            } else {
+                (1 << bits) - 1
+            };
+            Refcounts::set_in(&mut b, 3, bits, max);
+            Refcounts::set_in(&mut b, 4, bits, 1);
+            assert_eq!(Refcounts::get_in(&b, 3, bits), max, "bits {bits}");
+            assert_eq!(Refcounts::get_in(&b, 4, bits), 1, "bits {bits}");
+            assert_eq!(Refcounts::get_in(&b, 2, bits), 0, "bits {bits}");
+        }
+        let mut b = vec![0u8; 8];
+        for i in 0..8 {
+            Refcounts::set_in(&mut b, i, 1, 1);
+        }
+        assert_eq!(b[0], 0xff, "refcount_bits=1 packs LSB first");
+    }
+}
