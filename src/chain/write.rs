@@ -26,8 +26,6 @@ const ALL_ZERO: u64 = 0xffff_ffff_0000_0000;
 pub struct Writer {
     chain: Arc<Chain>,
     rc: Refcounts,
-    /// Top-image bitmaps that record writes (enabled and trusted).
-    marks: Vec<usize>,
     closed: bool,
 }
 
@@ -68,18 +66,10 @@ impl Writer {
         }
         let rc = Refcounts::load(q)?;
         let autoclear_ok = h.autoclear_features & AUTOCLEAR_BITMAPS != 0;
-        let marks: Vec<usize> = if autoclear_ok {
-            (0..q.bitmaps.len())
-                .filter(|&i| q.bitmaps[i].entry.auto() && q.bitmaps[i].distrust.is_none())
-                .collect()
-        } else {
-            Vec::new()
-        };
         let fix_autoclear = autoclear_ok && h.autoclear_features != AUTOCLEAR_BITMAPS;
         let mut w = Writer {
             chain: chain.clone(),
             rc,
-            marks,
             closed: false,
         };
         if fix_autoclear {
@@ -109,7 +99,7 @@ impl Writer {
         if q.header.autoclear_features & AUTOCLEAR_BITMAPS == 0 {
             return Ok(());
         }
-        for b in q.bitmaps.iter().filter(|b| b.distrust.is_none()) {
+        for b in q.bitmaps().iter().filter(|b| b.distrust.is_none()) {
             let flags = if on {
                 b.entry.flags | FLAG_IN_USE
             } else {
@@ -387,8 +377,19 @@ impl Writer {
         }
         let q = self.chain.top().qcow2().expect("qcow2");
         let bits_per_cluster = q.geo.cluster_size() * 8;
-        for &bi in &self.marks {
-            let g = q.bitmaps[bi].entry.granularity();
+        // Enabled, trusted, live bitmaps record writes (checked per write: mkdir/rmdir change them).
+        if q.header.autoclear_features & AUTOCLEAR_BITMAPS == 0 {
+            return Ok(());
+        }
+        let marks: Vec<usize> = q
+            .bitmaps()
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| b.entry.auto() && b.distrust.is_none() && !b.removed)
+            .map(|(i, _)| i)
+            .collect();
+        for bi in marks {
+            let g = q.bitmaps()[bi].entry.granularity();
             let (k0, k1) = (off / g, (off + len).div_ceil(g));
             let mut k = k0;
             while k < k1 {
@@ -428,7 +429,7 @@ impl Writer {
         let file = q.file();
         let cs = q.geo.cluster_size();
         for ((bi, idx), data) in q.bitmap_overlay_take() {
-            let b = &q.bitmaps[bi].entry;
+            let b = &q.bitmaps()[bi].entry;
             let slot = b.bitmap_table_offset + idx * 8;
             let mut raw = [0u8; 8];
             file.read_exact_at(&mut raw, slot)

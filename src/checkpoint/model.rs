@@ -101,7 +101,7 @@ impl Model {
         let mut refs: Vec<BitmapRef> = Vec::new();
         for (li, layer) in chain.layers.iter().enumerate() {
             if let Some(q) = layer.qcow2() {
-                for (bi, b) in q.bitmaps.iter().enumerate() {
+                for (bi, b) in q.bitmaps().iter().enumerate().filter(|(_, b)| !b.removed) {
                     refs.push(BitmapRef {
                         layer: li,
                         index: bi,
@@ -154,7 +154,7 @@ impl Model {
                 let bm_name = &chain.layers[li]
                     .qcow2()
                     .expect("bitmaps live in qcow2")
-                    .bitmaps[r.index]
+                    .bitmaps()[r.index]
                     .entry
                     .name;
                 let name = meta_alias
@@ -286,7 +286,7 @@ impl Model {
             .collect();
         // A bitmap's checkpoint part -> the checkpoint name the model uses for it.
         let ckpt_of = |layer: usize, bi: usize| -> String {
-            let bn = &chain.layers[layer].qcow2().expect("qcow2").bitmaps[bi]
+            let bn = &chain.layers[layer].qcow2().expect("qcow2").bitmaps()[bi]
                 .entry
                 .name;
             let key = split_caret(bn).0;
@@ -298,7 +298,8 @@ impl Model {
             .iter()
             .enumerate()
             .map(|(li, l)| match l.qcow2() {
-                Some(q) => (0..q.bitmaps.len())
+                Some(q) => (0..q.bitmaps().len())
+                    .filter(|&bi| !q.bitmaps()[bi].removed)
                     .map(|bi| (bi, ckpt_of(li, bi)))
                     .collect(),
                 None => Vec::new(),
@@ -340,8 +341,8 @@ impl Model {
                 let q = chain.layers[li].qcow2().expect("bitmaps live in qcow2");
                 let own_enabled = per_layer[li].iter().find(|(bi, n)| {
                     *n == names[ci].0
-                        && q.bitmaps[*bi].entry.auto()
-                        && q.bitmaps[*bi].distrust.is_none()
+                        && q.bitmaps()[*bi].entry.auto()
+                        && q.bitmaps()[*bi].distrust.is_none()
                 });
                 let all: Vec<Source> = here
                     .iter()
@@ -369,7 +370,7 @@ impl Model {
             for s in &needs {
                 match *s {
                     Source::Bitmap { layer, bitmap } => {
-                        let b = &chain.layers[layer].qcow2().expect("qcow2").bitmaps[bitmap];
+                        let b = &chain.layers[layer].qcow2().expect("qcow2").bitmaps()[bitmap];
                         gran = gran.min(b.entry.granularity());
                         if invalid.is_none() {
                             invalid = b.distrust.clone().map(|r| {
@@ -396,7 +397,7 @@ impl Model {
                 .iter()
                 .filter_map(|s| match *s {
                     Source::Bitmap { layer, bitmap } => Some(
-                        chain.layers[layer].qcow2().expect("qcow2").bitmaps[bitmap]
+                        chain.layers[layer].qcow2().expect("qcow2").bitmaps()[bitmap]
                             .entry
                             .granularity(),
                     ),

@@ -34,7 +34,7 @@ pub fn chain_json(chain: &Chain) -> Value {
                 "backing_file": l.backing_name,
                 "backing_file_resolved": resolved,
                 "backing_format": l.backing_format,
-                "bitmaps": l.qcow2().map_or(0, |q| q.bitmaps.len()),
+                "bitmaps": l.qcow2().map_or(0, |q| q.bitmaps().len()),
                 "snapshots": l.qcow2().map_or(0, |q| q.snapshots.len()),
             })
         })
@@ -71,7 +71,7 @@ pub fn checkpoint_json(e: &Engine, ci: usize, detail: bool) -> Value {
             .iter()
             .map(|s| match *s {
                 Source::Bitmap { layer, bitmap } => {
-                    let b = &m.chain.layers[layer].qcow2().expect("qcow2").bitmaps[bitmap].entry;
+                    let b = &m.chain.layers[layer].qcow2().expect("qcow2").bitmaps()[bitmap].entry;
                     json!({"type": "bitmap", "layer": layer_name(&m.chain, layer),
                            "file": m.chain.layers[layer].path.display().to_string(),
                            "bitmap": b.name, "granularity": b.granularity(), "enabled": b.auto(),

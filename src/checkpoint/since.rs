@@ -85,7 +85,7 @@ pub fn compute_chunk(chain: &Chain, c: &Checkpoint, total_blocks: u64, chunk: u6
 
 /// OR bitmap `bi` of `q` (granularity gs >= g) into blocks [b0, b1) at granularity g.
 fn add_bitmap(q: &Qcow2Image, bi: usize, g: u64, b0: u64, b1: u64, bits: &mut Bits) -> Result<()> {
-    let gs = q.bitmaps[bi].entry.granularity();
+    let gs = q.bitmaps()[bi].entry.granularity();
     let bits_per_cluster = q.geo.cluster_size() * 8;
     // Source bits overlapping [b0*g, b1*g).
     let k0 = b0 * g / gs;

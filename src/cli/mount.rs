@@ -167,9 +167,9 @@ fn serve(p: Prepared, ready: impl FnOnce(std::result::Result<(), String>)) -> Re
     });
     log::info!(
         "mounted {} on {} ({} checkpoints)",
-        p.core.engine.model.chain.top().path.display(),
+        p.core.state().engine.model.chain.top().path.display(),
         p.mountpoint.display(),
-        p.core.engine.model.checkpoints.len()
+        p.core.state().engine.model.checkpoints.len()
     );
     ready(Ok(()));
     session.run().map_err(|e| Error::io("FUSE session", e))?;

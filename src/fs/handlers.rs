@@ -173,7 +173,7 @@ impl Filesystem for FuseFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let size = self.core.engine.model.disk_size();
+        let size = self.core.state().engine.model.disk_size();
         reply.statfs(size.div_ceil(4096), 0, 0, 0, 0, 4096, 255, 4096);
     }
 

@@ -8,7 +8,7 @@ use crate::checkpoint::engine::{keep, Cached};
 use crate::checkpoint::{render, Engine};
 use crate::error::{Error, ErrorKind, Result};
 use crate::qcow2::Table;
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -66,9 +66,14 @@ struct KindCounters {
     bytes: AtomicU64,
 }
 
-pub struct FsCore {
+/// The model-dependent part of the tree, swapped as a whole when checkpoints change.
+pub struct State {
     pub engine: Engine,
     pub tree: Tree,
+}
+
+pub struct FsCore {
+    state: RwLock<Arc<State>>,
     pub info: MountInfo,
     counters: [KindCounters; 6],
     handles: Mutex<HashMap<u64, Arc<[u8]>>>,
@@ -85,11 +90,10 @@ fn not_found() -> Error {
 impl FsCore {
     /// A core for a mount; `writer` makes current/disk.img writable (`-o rw`).
     pub fn new(engine: Engine, info: MountInfo, writer: Option<Writer>) -> FsCore {
-        let tree = Tree::build(&engine.model);
+        let tree = Tree::build(&engine.model, None);
         let n = engine.model.checkpoints.len() * 6 + 8;
         FsCore {
-            engine,
-            tree,
+            state: RwLock::new(Arc::new(State { engine, tree })),
             info,
             writer: writer.map(Mutex::new),
             counters: Default::default(),
@@ -99,8 +103,13 @@ impl FsCore {
         }
     }
 
-    fn node(&self, ino: u64) -> Result<Node> {
-        self.tree.node(ino).ok_or_else(not_found)
+    /// The current model and tree (a snapshot: a concurrent mkdir/rmdir swaps in a new one).
+    pub fn state(&self) -> Arc<State> {
+        self.state.read().clone()
+    }
+
+    fn node(&self, st: &State, ino: u64) -> Result<Node> {
+        st.tree.node(ino).ok_or_else(not_found)
     }
 
     fn count(&self, node: Node, bytes: usize) {
@@ -113,34 +122,34 @@ impl FsCore {
     }
 
     /// The disk a disk.img node shows.
-    fn disk(&self, node: Node) -> Option<&Disk> {
+    fn disk<'a>(&self, st: &'a State, node: Node) -> Option<&'a Disk> {
         match node {
-            Node::CurrentDisk => Some(&self.engine.current),
-            Node::CkptDisk(ci) => self.engine.model.checkpoints[ci].disk.as_ref(),
+            Node::CurrentDisk => Some(&st.engine.current),
+            Node::CkptDisk(ci) => st.engine.model.checkpoints[ci].disk.as_ref(),
             _ => None,
         }
     }
 
-    fn ckpt_ok(&self, ci: usize) -> Result<()> {
-        match &self.engine.model.checkpoints[ci].invalid {
+    fn ckpt_ok(&self, st: &State, ci: usize) -> Result<()> {
+        match &st.engine.model.checkpoints[ci].invalid {
             Some(r) => Err(Error::new(ErrorKind::InvalidCheckpoint, r.clone())),
             None => Ok(()),
         }
     }
 
     /// Generated text (JSON files, extents), cached where it cannot change.
-    fn content(&self, node: Node) -> Result<Arc<[u8]>> {
+    fn content(&self, st: &State, node: Node) -> Result<Arc<[u8]>> {
         let make = || -> Result<Arc<[u8]>> {
             let text: String = match node {
-                Node::CheckpointsJson => render::to_text(&render::checkpoints_json(&self.engine)),
+                Node::CheckpointsJson => render::to_text(&render::checkpoints_json(&st.engine)),
                 Node::StatsJson => render::to_text(&self.stats_json()),
-                Node::CurrentInfo => render::to_text(&self.current_info()),
+                Node::CurrentInfo => render::to_text(&self.current_info(st)),
                 Node::CkptInfo(ci) => {
-                    render::to_text(&render::checkpoint_json(&self.engine, ci, true))
+                    render::to_text(&render::checkpoint_json(&st.engine, ci, true))
                 }
                 Node::CkptExtents(ci) => {
-                    self.ckpt_ok(ci)?;
-                    self.engine.extents(ci)?.to_string()
+                    self.ckpt_ok(st, ci)?;
+                    st.engine.extents(ci)?.to_string()
                 }
                 _ => return Err(Error::invalid("not a generated file")),
             };
@@ -159,16 +168,18 @@ impl FsCore {
         keep(&self.generated[slot], make)
     }
 
-    fn current_info(&self) -> Value {
+    fn current_info(&self, st: &State) -> Value {
         json!({
-            "image": self.engine.model.chain.top().path.display().to_string(),
-            "virtual_size": self.engine.model.disk_size(),
-            "chain": render::chain_json(&self.engine.model.chain),
+            "image": st.engine.model.chain.top().path.display().to_string(),
+            "virtual_size": st.engine.model.disk_size(),
+            "chain": render::chain_json(&st.engine.model.chain),
             "mount_options": self.info.options,
         })
     }
 
     pub fn stats_json(&self) -> Value {
+        let st = self.state();
+        let st = &*st;
         let mut per_kind = serde_json::Map::new();
         for (i, k) in KINDS.iter().enumerate() {
             per_kind.insert(
@@ -177,7 +188,7 @@ impl FsCore {
                        "bytes": self.counters[i].bytes.load(Ordering::Relaxed)}),
             );
         }
-        let chain = &self.engine.model.chain;
+        let chain = &st.engine.model.chain;
         let layers: Vec<Value> = chain
             .layers
             .iter()
@@ -187,7 +198,7 @@ impl FsCore {
                        "clusters_decompressed": l.qcow2().map_or(0, |q| q.decompressed.load(Ordering::Relaxed))})
             })
             .collect();
-        let s = &self.engine.cache.stats;
+        let s = &st.engine.cache.stats;
         json!({
             "files": per_kind,
             "layers": layers,
@@ -198,11 +209,11 @@ impl FsCore {
         })
     }
 
-    fn disk_blocks(&self, node: Node) -> u64 {
-        let chain = &self.engine.model.chain;
+    fn disk_blocks(&self, st: &State, node: Node) -> u64 {
+        let chain = &st.engine.model.chain;
         let (from, size) = match node {
-            Node::CurrentDisk => (0, self.engine.current.size()),
-            Node::CkptDisk(ci) => match &self.engine.model.checkpoints[ci].disk {
+            Node::CurrentDisk => (0, st.engine.current.size()),
+            Node::CkptDisk(ci) => match &st.engine.model.checkpoints[ci].disk {
                 Some(d) if d.table != Table::Active => {
                     return chain.layers[d.start]
                         .qcow2()
@@ -226,7 +237,9 @@ impl FsCore {
     }
 
     pub fn getattr(&self, ino: u64) -> Result<Attr> {
-        let node = self.node(ino)?;
+        let st = self.state();
+        let st = &*st;
+        let node = self.node(st, ino)?;
         let ro_file = (self.info.image_mode & 0o444) as u16;
         let dir_perm = ro_file | ((ro_file & 0o444) >> 2);
         let mut a = Attr {
@@ -243,20 +256,20 @@ impl FsCore {
                 a.nlink = 2;
             }
             Node::CurrentDisk | Node::CkptDisk(_) => {
-                a.size = self.disk(node).map_or(0, Disk::size);
-                a.blocks = self.disk_blocks(node);
+                a.size = self.disk(st, node).map_or(0, Disk::size);
+                a.blocks = self.disk_blocks(st, node);
                 if node == Node::CurrentDisk && self.writer.is_some() {
                     a.perm |= (self.info.image_mode & 0o200) as u16;
                 }
             }
             Node::CkptChanged(ci) => {
-                a.size = self.engine.model.disk_size();
-                if self.ckpt_ok(ci).is_ok() {
-                    a.blocks = self.changed_file_bytes(ci, a.size).div_ceil(512);
+                a.size = st.engine.model.disk_size();
+                if self.ckpt_ok(st, ci).is_ok() {
+                    a.blocks = self.changed_file_bytes(st, ci, a.size).div_ceil(512);
                 }
             }
             Node::CkptBitmap(ci) => {
-                a.size = self.engine.bitmap_len(ci);
+                a.size = st.engine.bitmap_len(ci);
                 a.blocks = a.size.div_ceil(512);
             }
             Node::CkptExtents(_)
@@ -264,7 +277,7 @@ impl FsCore {
             | Node::StatsJson
             | Node::CurrentInfo
             | Node::CkptInfo(_) => {
-                a.size = self.content(node).map_or(0, |c| c.len() as u64);
+                a.size = self.content(st, node).map_or(0, |c| c.len() as u64);
                 a.blocks = a.size.div_ceil(512);
             }
         }
@@ -273,32 +286,36 @@ impl FsCore {
 
     /// Changed bytes inside changed.img: whole blocks, except a partial last block counts
     /// only up to the end of the disk.
-    fn changed_file_bytes(&self, ci: usize, size: u64) -> u64 {
-        let g = self.engine.granularity(ci);
-        let mut bytes = self.engine.changed_bytes(ci).unwrap_or(0);
-        if size % g != 0 && self.engine.block_changed(ci, size / g).unwrap_or(false) {
+    fn changed_file_bytes(&self, st: &State, ci: usize, size: u64) -> u64 {
+        let g = st.engine.granularity(ci);
+        let mut bytes = st.engine.changed_bytes(ci).unwrap_or(0);
+        if size % g != 0 && st.engine.block_changed(ci, size / g).unwrap_or(false) {
             bytes = bytes.saturating_sub(g - size % g);
         }
         bytes.min(size)
     }
 
     pub fn lookup(&self, parent: u64, name: &str) -> Result<Attr> {
-        let ino = self.tree.lookup(parent, name).ok_or_else(not_found)?;
+        let st = self.state();
+        let st = &*st;
+        let ino = st.tree.lookup(parent, name).ok_or_else(not_found)?;
         self.getattr(ino)
     }
 
     /// Entries of a directory, with "." and "..".
     pub fn readdir(&self, ino: u64) -> Result<Vec<(u64, bool, String)>> {
-        let node = self.node(ino)?;
+        let st = self.state();
+        let st = &*st;
+        let node = self.node(st, ino)?;
         if !node.is_dir() {
             return Err(Error::new(ErrorKind::Invalid, "not a directory"));
         }
         let mut out = vec![
             (ino, true, ".".to_string()),
-            (self.tree.parent(ino), true, "..".to_string()),
+            (st.tree.parent(ino), true, "..".to_string()),
         ];
-        for (c, name) in self.tree.children(ino) {
-            let dir = self.tree.node(c).is_some_and(|n| n.is_dir());
+        for (c, name) in st.tree.children(ino) {
+            let dir = st.tree.node(c).is_some_and(|n| n.is_dir());
             out.push((c, dir, name.to_string()));
         }
         self.count(node, 0);
@@ -306,7 +323,9 @@ impl FsCore {
     }
 
     pub fn open(&self, ino: u64, write: bool) -> Result<OpenMode> {
-        let node = self.node(ino)?;
+        let st = self.state();
+        let st = &*st;
+        let node = self.node(st, ino)?;
         if write {
             match (&self.writer, node) {
                 (Some(_), Node::CurrentDisk) => {}
@@ -321,13 +340,13 @@ impl FsCore {
         }
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         match node {
-            Node::CkptChanged(ci) | Node::CkptBitmap(ci) => self.ckpt_ok(ci)?,
+            Node::CkptChanged(ci) | Node::CkptBitmap(ci) => self.ckpt_ok(st, ci)?,
             Node::CkptExtents(_)
             | Node::CheckpointsJson
             | Node::StatsJson
             | Node::CurrentInfo
             | Node::CkptInfo(_) => {
-                let c = self.content(node)?;
+                let c = self.content(st, node)?;
                 self.handles.lock().insert(fh, c);
             }
             _ => {}
@@ -347,7 +366,9 @@ impl FsCore {
     }
 
     pub fn read(&self, ino: u64, fh: u64, off: u64, size: u32) -> Result<Vec<u8>> {
-        let node = self.node(ino)?;
+        let st = self.state();
+        let st = &*st;
+        let node = self.node(st, ino)?;
         let generated = matches!(
             node,
             Node::CkptExtents(_)
@@ -366,26 +387,27 @@ impl FsCore {
             self.count(node, end - start);
             return Ok(c[start..end].to_vec());
         }
-        let len = self.getattr_size(node)?;
+        let len = self.getattr_size(st, node)?;
         if off >= len {
             return Ok(Vec::new());
         }
         let n = (len - off).min(u64::from(size)) as usize;
         let mut buf = vec![0u8; n];
         match node {
-            Node::CurrentDisk | Node::CkptDisk(_) => {
-                self.disk(node).ok_or_else(not_found)?.read(off, &mut buf)?
-            }
+            Node::CurrentDisk | Node::CkptDisk(_) => self
+                .disk(st, node)
+                .ok_or_else(not_found)?
+                .read(off, &mut buf)?,
             Node::CkptChanged(ci) => {
-                self.ckpt_ok(ci)?;
-                self.engine.read_changed(ci, off, &mut buf)?
+                self.ckpt_ok(st, ci)?;
+                st.engine.read_changed(ci, off, &mut buf)?
             }
             Node::CkptBitmap(ci) => {
-                self.ckpt_ok(ci)?;
-                self.engine.read_bitmap(ci, off, &mut buf)?
+                self.ckpt_ok(st, ci)?;
+                st.engine.read_bitmap(ci, off, &mut buf)?
             }
             _ => {
-                let c = self.content(node)?;
+                let c = self.content(st, node)?;
                 buf.copy_from_slice(&c[off as usize..off as usize + n]);
             }
         }
@@ -393,19 +415,21 @@ impl FsCore {
         Ok(buf)
     }
 
-    fn getattr_size(&self, node: Node) -> Result<u64> {
+    fn getattr_size(&self, st: &State, node: Node) -> Result<u64> {
         Ok(match node {
-            Node::CurrentDisk | Node::CkptDisk(_) => self.disk(node).map_or(0, Disk::size),
-            Node::CkptChanged(_) => self.engine.model.disk_size(),
-            Node::CkptBitmap(ci) => self.engine.bitmap_len(ci),
-            _ => self.content(node)?.len() as u64,
+            Node::CurrentDisk | Node::CkptDisk(_) => self.disk(st, node).map_or(0, Disk::size),
+            Node::CkptChanged(_) => st.engine.model.disk_size(),
+            Node::CkptBitmap(ci) => st.engine.bitmap_len(ci),
+            _ => self.content(st, node)?.len() as u64,
         })
     }
 
     /// lseek(SEEK_DATA / SEEK_HOLE); other whence values are the kernel's business.
     pub fn lseek(&self, ino: u64, off: u64, whence: i32) -> Result<u64> {
-        let node = self.node(ino)?;
-        let size = self.getattr_size(node)?;
+        let st = self.state();
+        let st = &*st;
+        let node = self.node(st, ino)?;
+        let size = self.getattr_size(st, node)?;
         let enxio = || Error::io("seek", std::io::Error::from_raw_os_error(libc::ENXIO));
         if whence != SEEK_DATA && whence != SEEK_HOLE {
             return Err(Error::invalid("unsupported whence"));
@@ -416,16 +440,16 @@ impl FsCore {
         let want_data = whence == SEEK_DATA;
         match node {
             Node::CkptChanged(ci) => {
-                self.ckpt_ok(ci)?;
-                let g = self.engine.granularity(ci);
-                match self.engine.next_block(ci, off / g, want_data)? {
+                self.ckpt_ok(st, ci)?;
+                let g = st.engine.granularity(ci);
+                match st.engine.next_block(ci, off / g, want_data)? {
                     Some(b) => Ok((b * g).max(off).min(size)),
                     None if want_data => Err(enxio()),
                     None => Ok(size),
                 }
             }
             Node::CurrentDisk | Node::CkptDisk(_) => {
-                let disk = self.disk(node).ok_or_else(not_found)?;
+                let disk = self.disk(st, node).ok_or_else(not_found)?;
                 let mut at = off;
                 while at < size {
                     let (r, n) = disk.resolve(at, size - at)?;
@@ -445,7 +469,9 @@ impl FsCore {
     }
 
     fn writer(&self, ino: u64) -> Result<&Mutex<Writer>> {
-        match (&self.writer, self.node(ino)?) {
+        let st = self.state();
+        let st = &*st;
+        match (&self.writer, self.node(st, ino)?) {
             (Some(w), Node::CurrentDisk) => Ok(w),
             (Some(_), _) => Err(Error::io(
                 "only current/disk.img is writable",
@@ -457,9 +483,11 @@ impl FsCore {
 
     /// Write into current/disk.img (rw mounts).
     pub fn write(&self, ino: u64, off: u64, data: &[u8]) -> Result<usize> {
+        let st = self.state();
+        let st = &*st;
         let w = self.writer(ino)?;
         let r = w.lock().write(off, data);
-        self.engine.invalidate(off, data.len() as u64);
+        st.engine.invalidate(off, data.len() as u64);
         r?;
         self.count(Node::CurrentDisk, data.len());
         Ok(data.len())
@@ -468,8 +496,10 @@ impl FsCore {
     /// fallocate: PUNCH_HOLE and ZERO_RANGE make the range read as zeros; plain allocation
     /// inside the disk is a no-op; anything that would change the size is refused.
     pub fn fallocate(&self, ino: u64, off: u64, len: u64, mode: i32) -> Result<()> {
+        let st = self.state();
+        let st = &*st;
         let w = self.writer(ino)?;
-        let size = self.engine.current.size();
+        let size = st.engine.current.size();
         if off.checked_add(len).is_none_or(|e| e > size) && mode & libc::FALLOC_FL_KEEP_SIZE == 0 {
             return Err(Error::new(ErrorKind::Refused, "size changes are refused"));
         }
@@ -478,23 +508,26 @@ impl FsCore {
         }
         let len = len.min(size.saturating_sub(off));
         let r = w.lock().zero(off, len);
-        self.engine.invalidate(off, len);
+        st.engine.invalidate(off, len);
         r
     }
 
     /// fsync/fdatasync of current/disk.img.
     pub fn fsync(&self, ino: u64) -> Result<()> {
+        let st = self.state();
+        let st = &*st;
         match &self.writer {
-            Some(w) if self.node(ino)? == Node::CurrentDisk => w.lock().flush(),
+            Some(w) if self.node(st, ino)? == Node::CurrentDisk => w.lock().flush(),
             _ => Ok(()),
         }
     }
 
     /// truncate and friends: only "no change" is accepted.
     pub fn set_size(&self, ino: u64, size: u64) -> Result<()> {
-        let node = self.node(ino)?;
-        if node == Node::CurrentDisk && self.writer.is_some() && size == self.engine.current.size()
-        {
+        let st = self.state();
+        let st = &*st;
+        let node = self.node(st, ino)?;
+        if node == Node::CurrentDisk && self.writer.is_some() && size == st.engine.current.size() {
             return Ok(());
         }
         match self.writer {

@@ -1,6 +1,8 @@
-//! The fixed inode table of the mounted tree, built once at mount from the checkpoint model.
+//! The inode table of the mounted tree, built from the checkpoint model. Rebuilt when a
+//! checkpoint is added or deleted (`-o rw`), keeping the inode of every path that survives.
 
 use crate::checkpoint::Model;
+use std::collections::HashMap;
 
 /// What an inode is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,7 +43,7 @@ impl Node {
 
 pub const ROOT: u64 = 1;
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Entry {
     node: Node,
     parent: u64,
@@ -49,79 +51,136 @@ struct Entry {
     children: Vec<u64>,
 }
 
-/// Inode numbers are indexes + 1 into `entries`.
 #[derive(Debug)]
 pub struct Tree {
-    entries: Vec<Entry>,
+    entries: HashMap<u64, Entry>,
+    /// Path ("dir/file") -> inode, to keep inodes across rebuilds.
+    paths: HashMap<String, u64>,
+    next: u64,
 }
 
 impl Tree {
-    pub fn build(model: &Model) -> Tree {
+    /// Build the tree for `model`, reusing the inodes of `prev` for paths that still exist.
+    pub fn build(model: &Model, prev: Option<&Tree>) -> Tree {
         let mut t = Tree {
-            entries: Vec::new(),
+            entries: HashMap::new(),
+            paths: HashMap::new(),
+            next: prev.map_or(ROOT, |p| p.next),
         };
-        let root = t.add(Node::Root, 0, "");
-        t.add(Node::CheckpointsJson, root, "checkpoints.json");
-        t.add(Node::StatsJson, root, "stats.json");
-        let cur = t.add(Node::CurrentDir, root, "current");
-        t.add(Node::CurrentDisk, cur, "disk.img");
-        t.add(Node::CurrentInfo, cur, "info.json");
+        let root = t.add(prev, Node::Root, 0, "", "");
+        t.add(
+            prev,
+            Node::CheckpointsJson,
+            root,
+            "checkpoints.json",
+            "checkpoints.json",
+        );
+        t.add(prev, Node::StatsJson, root, "stats.json", "stats.json");
+        let cur = t.add(prev, Node::CurrentDir, root, "current", "current");
+        t.add(prev, Node::CurrentDisk, cur, "disk.img", "current/disk.img");
+        t.add(
+            prev,
+            Node::CurrentInfo,
+            cur,
+            "info.json",
+            "current/info.json",
+        );
         for (ci, c) in model.checkpoints.iter().enumerate() {
-            let d = t.add(Node::CkptDir(ci), root, &c.dir_name);
+            let dn = &c.dir_name;
+            let d = t.add(prev, Node::CkptDir(ci), root, dn, dn);
             if c.disk.is_some() {
-                t.add(Node::CkptDisk(ci), d, "disk.img");
+                t.add(
+                    prev,
+                    Node::CkptDisk(ci),
+                    d,
+                    "disk.img",
+                    &format!("{dn}/disk.img"),
+                );
             }
-            t.add(Node::CkptChanged(ci), d, "changed.img");
-            t.add(Node::CkptBitmap(ci), d, "bitmap.bin");
-            t.add(Node::CkptExtents(ci), d, "extents");
-            t.add(Node::CkptInfo(ci), d, "info.json");
+            t.add(
+                prev,
+                Node::CkptChanged(ci),
+                d,
+                "changed.img",
+                &format!("{dn}/changed.img"),
+            );
+            t.add(
+                prev,
+                Node::CkptBitmap(ci),
+                d,
+                "bitmap.bin",
+                &format!("{dn}/bitmap.bin"),
+            );
+            t.add(
+                prev,
+                Node::CkptExtents(ci),
+                d,
+                "extents",
+                &format!("{dn}/extents"),
+            );
+            t.add(
+                prev,
+                Node::CkptInfo(ci),
+                d,
+                "info.json",
+                &format!("{dn}/info.json"),
+            );
         }
         t
     }
 
-    fn add(&mut self, node: Node, parent: u64, name: &str) -> u64 {
-        self.entries.push(Entry {
-            node,
-            parent,
-            name: name.to_string(),
-            children: Vec::new(),
-        });
-        let ino = self.entries.len() as u64;
+    fn add(&mut self, prev: Option<&Tree>, node: Node, parent: u64, name: &str, path: &str) -> u64 {
+        let ino = match prev.and_then(|p| p.paths.get(path)) {
+            Some(&i) => i,
+            None => {
+                let i = self.next;
+                self.next += 1;
+                i
+            }
+        };
+        self.entries.insert(
+            ino,
+            Entry {
+                node,
+                parent,
+                name: name.to_string(),
+                children: Vec::new(),
+            },
+        );
+        self.paths.insert(path.to_string(), ino);
         if parent != 0 {
-            self.entries[(parent - 1) as usize].children.push(ino);
+            if let Some(p) = self.entries.get_mut(&parent) {
+                p.children.push(ino);
+            }
         }
         ino
     }
 
     pub fn node(&self, ino: u64) -> Option<Node> {
-        self.entries
-            .get(usize::try_from(ino.checked_sub(1)?).ok()?)
-            .map(|e| e.node)
+        self.entries.get(&ino).map(|e| e.node)
     }
 
     pub fn parent(&self, ino: u64) -> u64 {
         self.entries
-            .get((ino.saturating_sub(1)) as usize)
+            .get(&ino)
             .map_or(ROOT, |e| if e.parent == 0 { ROOT } else { e.parent })
     }
 
     pub fn lookup(&self, parent: u64, name: &str) -> Option<u64> {
-        let e = self
-            .entries
-            .get(usize::try_from(parent.checked_sub(1)?).ok()?)?;
+        let e = self.entries.get(&parent)?;
         e.children
             .iter()
             .copied()
-            .find(|&c| self.entries[(c - 1) as usize].name == name)
+            .find(|c| self.entries.get(c).is_some_and(|x| x.name == name))
     }
 
     /// (inode, name) of each child of a directory.
     pub fn children(&self, ino: u64) -> Vec<(u64, &str)> {
-        match self.entries.get((ino.saturating_sub(1)) as usize) {
+        match self.entries.get(&ino) {
             Some(e) => e
                 .children
                 .iter()
-                .map(|&c| (c, self.entries[(c - 1) as usize].name.as_str()))
+                .filter_map(|c| self.entries.get(c).map(|x| (*c, x.name.as_str())))
                 .collect(),
             None => Vec::new(),
         }

@@ -30,7 +30,20 @@ pub struct Bitmap {
     pub entry: BitmapEntry,
     /// Why the bits cannot be used, if they cannot.
     pub distrust: Option<String>,
+    /// Deleted through the tree (indexes stay stable while mounted).
+    pub removed: bool,
     table: OnceLock<std::result::Result<Arc<[TableEntry]>, String>>,
+}
+
+impl Bitmap {
+    pub fn new(entry: BitmapEntry, distrust: Option<String>) -> Bitmap {
+        Bitmap {
+            entry,
+            distrust,
+            removed: false,
+            table: OnceLock::new(),
+        }
+    }
 }
 
 /// An internal snapshot of this image.
@@ -64,7 +77,7 @@ pub struct Qcow2Image {
     pub header: Header,
     pub geo: Geometry,
     l1: RwLock<Vec<u64>>,
-    pub bitmaps: Vec<Bitmap>,
+    bitmaps: RwLock<Vec<Arc<Bitmap>>>,
     pub snapshots: Vec<Snapshot>,
     l2_cache: Mutex<LruCache<u64, Arc<[u64]>>>,
     /// Bumped (under the cache lock) whenever a writer changes an L2 table, so a reader that
@@ -126,7 +139,7 @@ impl Qcow2Image {
             file,
             file_len: file_len.into(),
             l1: RwLock::new(Vec::new()),
-            bitmaps: Vec::new(),
+            bitmaps: Default::default(),
             snapshots: Vec::new(),
             l2_cache: Mutex::new(LruCache::new(cap(L2_CACHE_BYTES, cs))),
             l2_gen: Default::default(),
@@ -142,6 +155,30 @@ impl Qcow2Image {
         img.load_snapshots()?;
         img.load_bitmaps()?;
         Ok(img)
+    }
+
+    /// Every bitmap, by stable index (deleted ones stay, flagged `removed`).
+    pub fn bitmaps(&self) -> Vec<Arc<Bitmap>> {
+        self.bitmaps.read().clone()
+    }
+
+    pub fn bitmap(&self, i: usize) -> Option<Arc<Bitmap>> {
+        self.bitmaps.read().get(i).cloned()
+    }
+
+    /// Writer side: bitmap `i` is now `b` (on disk already); returns its index.
+    pub fn set_bitmap(&self, i: Option<usize>, b: Bitmap) -> usize {
+        let mut v = self.bitmaps.write();
+        match i {
+            Some(i) if i < v.len() => {
+                v[i] = Arc::new(b);
+                i
+            }
+            _ => {
+                v.push(Arc::new(b));
+                v.len() - 1
+            }
+        }
     }
 
     pub fn file_len(&self) -> u64 {
@@ -339,11 +376,9 @@ impl Qcow2Image {
             } else {
                 entry.distrust()
             };
-            self.bitmaps.push(Bitmap {
-                entry,
-                distrust,
-                table: OnceLock::new(),
-            });
+            self.bitmaps
+                .get_mut()
+                .push(Arc::new(Bitmap::new(entry, distrust)));
         }
         Ok(())
     }
@@ -551,8 +586,7 @@ impl Qcow2Image {
     /// The decoded table of bitmap `i`, loaded once.
     pub fn bitmap_table(&self, i: usize) -> Result<Arc<[TableEntry]>> {
         let bm = self
-            .bitmaps
-            .get(i)
+            .bitmap(i)
             .ok_or_else(|| Error::corrupt(format!("no bitmap {i}")))?;
         bm.table
             .get_or_init(|| {

@@ -140,7 +140,7 @@ fn exercise(top: &Path) -> Outcome {
             for si in 0..q.snapshots.len().min(4) {
                 read_some(&Disk::new(chain.clone(), li, Table::Snapshot(si)), 3, 4);
             }
-            for bi in 0..q.bitmaps.len().min(8) {
+            for bi in 0..q.bitmaps().len().min(8) {
                 let _ = q.bitmap_table(bi);
                 for k in 0..4 {
                     let _ = q.bitmap_cluster(bi, k);

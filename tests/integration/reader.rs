@@ -478,9 +478,10 @@ fn bitmap_bits_match_qemu() {
 
         let chain = open_chain(&d.join("bm.qcow2"));
         let img = chain.layers[0].qcow2().unwrap();
-        let names: Vec<&str> = img.bitmaps.iter().map(|b| b.entry.name.as_str()).collect();
+        let bms = img.bitmaps();
+        let names: Vec<&str> = bms.iter().map(|b| b.entry.name.as_str()).collect();
         assert_eq!(names.len(), 4, "{names:?}");
-        for (i, b) in img.bitmaps.iter().enumerate() {
+        for (i, b) in img.bitmaps().iter().enumerate() {
             let name = b.entry.name.as_str();
             assert!(b.distrust.is_none(), "{name}: {:?}", b.distrust);
             assert!(!b.entry.in_use(), "{name}");
@@ -507,7 +508,7 @@ fn bitmap_bits_match_qemu() {
         }
         // The digest's worked example, at 64 KiB granularity: byte 0 = 0x08, byte 1 = 0x18.
         let g = img
-            .bitmaps
+            .bitmaps()
             .iter()
             .position(|b| b.entry.name == "g64k")
             .unwrap();
@@ -536,8 +537,9 @@ fn bitmap_in_use_is_distrusted() {
     assert!(info.contains("in-use"), "qemu-img info: {info}");
     let chain = open_chain(&d.join("iu.qcow2"));
     let img = chain.layers[0].qcow2().unwrap();
-    let c1 = img.bitmaps.iter().find(|b| b.entry.name == "c1").unwrap();
-    let c2 = img.bitmaps.iter().find(|b| b.entry.name == "c2").unwrap();
+    let bms = img.bitmaps();
+    let c1 = bms.iter().find(|b| b.entry.name == "c1").unwrap();
+    let c2 = bms.iter().find(|b| b.entry.name == "c2").unwrap();
     assert!(c1.distrust.is_none(), "c1: {:?}", c1.distrust);
     assert!(c2.entry.in_use());
     let why = c2
@@ -564,8 +566,8 @@ fn bitmap_autoclear_cleared_is_distrusted() {
     );
     let chain = open_chain(&d.join("iu.qcow2"));
     let img = chain.layers[0].qcow2().unwrap();
-    assert_eq!(img.bitmaps.len(), 2);
-    for b in &img.bitmaps {
+    assert_eq!(img.bitmaps().len(), 2);
+    for b in &img.bitmaps() {
         let why = b
             .distrust
             .as_deref()

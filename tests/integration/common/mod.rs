@@ -435,7 +435,7 @@ pub fn check_chain(top: &Path, ranges: usize) -> Arc<Chain> {
 /// The set bits of bitmap `idx` of `img`, as sorted guest byte ranges `[start, end)` clipped
 /// to the virtual size, read through `bitmap_cluster`.
 pub fn ckptfs_dirty_ranges(img: &Qcow2Image, idx: usize) -> Vec<(u64, u64)> {
-    let entry = &img.bitmaps[idx].entry;
+    let entry = &img.bitmaps()[idx].entry;
     let gran = entry.granularity();
     let size = img.size();
     let bits_per_cluster = img.geo.cluster_size() * 8;
