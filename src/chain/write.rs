@@ -24,8 +24,12 @@ const ALL_ALLOC: u64 = 0x0000_0000_ffff_ffff;
 const ALL_ZERO: u64 = 0xffff_ffff_0000_0000;
 
 pub struct Writer {
-    chain: Arc<Chain>,
-    rc: Refcounts,
+    pub(super) chain: Arc<Chain>,
+    pub(super) rc: Refcounts,
+    /// Where the bitmap directory is now (offset, size); it moves when rewritten.
+    pub(super) dir: Option<(u64, u64)>,
+    /// The bitmaps extension is consistent (autoclear bit set, or ckptfs created it).
+    pub(super) bitmaps_ok: bool,
     closed: bool,
 }
 
@@ -70,6 +74,10 @@ impl Writer {
         let mut w = Writer {
             chain: chain.clone(),
             rc,
+            dir: h
+                .bitmaps
+                .map(|b| (b.bitmap_directory_offset, b.bitmap_directory_size)),
+            bitmaps_ok: autoclear_ok,
             closed: false,
         };
         if fix_autoclear {
@@ -93,19 +101,23 @@ impl Writer {
     /// Set or clear in_use on every trusted bitmap of the top image, in the directory in place.
     fn set_in_use(&mut self, on: bool) -> Result<()> {
         let q = self.q();
-        let Some(ext) = q.header.bitmaps else {
+        let Some((dir_off, _)) = self.dir else {
             return Ok(());
         };
-        if q.header.autoclear_features & AUTOCLEAR_BITMAPS == 0 {
+        if !self.bitmaps_ok {
             return Ok(());
         }
-        for b in q.bitmaps().iter().filter(|b| b.distrust.is_none()) {
+        for b in q
+            .bitmaps()
+            .iter()
+            .filter(|b| b.distrust.is_none() && !b.removed)
+        {
             let flags = if on {
                 b.entry.flags | FLAG_IN_USE
             } else {
                 b.entry.flags & !FLAG_IN_USE
             };
-            let at = ext.bitmap_directory_offset + b.entry.dir_pos as u64 + 12;
+            let at = dir_off + b.entry.dir_pos as u64 + 12;
             q.file()
                 .write_all_at(&flags.to_be_bytes(), at)
                 .map_err(|e| wio("write bitmap directory", e))?;
@@ -378,7 +390,7 @@ impl Writer {
         let q = self.chain.top().qcow2().expect("qcow2");
         let bits_per_cluster = q.geo.cluster_size() * 8;
         // Enabled, trusted, live bitmaps record writes (checked per write: mkdir/rmdir change them).
-        if q.header.autoclear_features & AUTOCLEAR_BITMAPS == 0 {
+        if !self.bitmaps_ok {
             return Ok(());
         }
         let marks: Vec<usize> = q
@@ -429,7 +441,11 @@ impl Writer {
         let file = q.file();
         let cs = q.geo.cluster_size();
         for ((bi, idx), data) in q.bitmap_overlay_take() {
-            let b = &q.bitmaps()[bi].entry;
+            let bm = q.bitmaps()[bi].clone();
+            if bm.removed {
+                continue;
+            }
+            let b = &bm.entry;
             let slot = b.bitmap_table_offset + idx * 8;
             let mut raw = [0u8; 8];
             file.read_exact_at(&mut raw, slot)

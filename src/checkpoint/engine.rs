@@ -18,6 +18,7 @@ pub struct Engine {
     pub model: Arc<Model>,
     pub current: Disk,
     pub cache: ChunkCache,
+    pub cache_bytes: u64,
     extents: RwLock<Vec<Cached<Arc<str>>>>,
     changed: RwLock<Vec<Cached<u64>>>,
 }
@@ -37,6 +38,7 @@ impl Engine {
             model,
             current,
             cache: ChunkCache::new(cache_bytes),
+            cache_bytes,
             extents: RwLock::new((0..n).map(|_| OnceLock::new()).collect()),
             changed: RwLock::new((0..n).map(|_| OnceLock::new()).collect()),
         }

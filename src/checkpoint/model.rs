@@ -64,6 +64,8 @@ pub struct Checkpoint {
 #[derive(Debug)]
 pub struct Model {
     pub chain: Arc<Chain>,
+    /// The options it was built with (to rebuild it after checkpoints change).
+    pub options: ModelOptions,
     pub order: Order,
     /// Oldest first.
     pub checkpoints: Vec<Checkpoint>,
@@ -268,6 +270,7 @@ impl Model {
         }
         let mut model = Model {
             chain,
+            options: opts.clone(),
             order,
             checkpoints: all,
         };

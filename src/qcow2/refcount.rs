@@ -180,6 +180,37 @@ impl Refcounts {
         }
     }
 
+    /// Allocate `n` contiguous free clusters (refcounts set to 1); returns the first offset.
+    pub fn alloc_run(&mut self, file: &File, n: u64) -> Result<u64> {
+        if n <= 1 {
+            return self.alloc(file);
+        }
+        let per = self.per_block();
+        let mut start = self.next_free.max(1);
+        'search: loop {
+            for k in 0..n {
+                let c = start + k;
+                let ti = c / per;
+                if ti >= self.table.len() as u64 {
+                    self.grow(file)?;
+                    continue 'search;
+                }
+                if self.table[ti as usize] & OFFSET_MASK == 0 {
+                    self.new_block_for_range(file, ti)?;
+                    continue 'search;
+                }
+                if self.get(file, c)? != 0 {
+                    start = c + 1;
+                    continue 'search;
+                }
+            }
+            for k in 0..n {
+                self.set(file, start + k, 1)?;
+            }
+            return Ok(start << self.cluster_bits);
+        }
+    }
+
     /// A refcount block for the unused range `ti`, stored in the range's first cluster.
     fn new_block_for_range(&mut self, file: &File, ti: u64) -> Result<()> {
         let per = self.per_block();

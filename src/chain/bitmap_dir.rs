@@ -1,0 +1,350 @@
+//! Checkpoints through the tree (`-o rw`): adding and deleting persistent bitmaps of the top
+//! image. The directory is rewritten into new clusters, flushed, then switched in by one header
+//! write (so a crash leaves the old or the new directory), and the old clusters are freed.
+
+use super::write::Writer;
+use crate::error::{Error, ErrorKind, Result};
+use crate::qcow2::bitmaps::{BitmapEntry, TableEntry, FLAG_AUTO, FLAG_IN_USE};
+use crate::qcow2::header::AUTOCLEAR_BITMAPS;
+use crate::qcow2::image::Bitmap;
+use crate::qcow2::BitmapCluster;
+use std::os::unix::fs::FileExt;
+
+const EXT_BITMAPS: u32 = 0x2385_2875;
+
+fn wio(what: &str, e: std::io::Error) -> Error {
+    Error::io(what.to_string(), e)
+}
+
+fn refused(msg: String) -> Error {
+    Error::new(ErrorKind::Refused, msg)
+}
+
+/// The bitmap's checkpoint name: `child^parent` -> `child`.
+pub fn ckpt_part(name: &str) -> &str {
+    name.split_once('^').map_or(name, |(c, _)| c)
+}
+
+/// Serialize directory entries; returns the bytes and each entry's position.
+fn serialize(entries: &[BitmapEntry]) -> (Vec<u8>, Vec<usize>) {
+    let mut out = Vec::new();
+    let mut pos = Vec::new();
+    for e in entries {
+        pos.push(out.len());
+        out.extend_from_slice(&e.bitmap_table_offset.to_be_bytes());
+        out.extend_from_slice(&e.bitmap_table_size.to_be_bytes());
+        out.extend_from_slice(&e.flags.to_be_bytes());
+        out.push(e.bitmap_type);
+        out.push(e.granularity_bits);
+        out.extend_from_slice(&(e.name.len() as u16).to_be_bytes());
+        out.extend_from_slice(&0u32.to_be_bytes());
+        out.extend_from_slice(e.name.as_bytes());
+        while out.len() % 8 != 0 {
+            out.push(0);
+        }
+    }
+    (out, pos)
+}
+
+impl Writer {
+    /// Names QEMU refuses for bitmaps, and names already taken.
+    fn check_new_name(&self, name: &str) -> Result<()> {
+        if name.is_empty() || name.len() > 1023 {
+            return Err(Error::invalid(format!(
+                "checkpoint name of {} bytes (QEMU takes 1..1023)",
+                name.len()
+            )));
+        }
+        let chain = self.chain.clone();
+        let q = chain.top().qcow2().expect("qcow2");
+        if q.bitmaps()
+            .iter()
+            .any(|b| !b.removed && (b.entry.name == name || ckpt_part(&b.entry.name) == name))
+        {
+            return Err(Error::new(
+                ErrorKind::Invalid,
+                format!("a bitmap named '{name}' exists"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Write `entries` as the new directory and switch the header to it.
+    fn switch_directory(&mut self, entries: &[BitmapEntry]) -> Result<Vec<usize>> {
+        let chain = self.chain.clone();
+        let q = chain.top().qcow2().expect("qcow2");
+        let file = q.file();
+        let cs = q.geo.cluster_size();
+        let (bytes, pos) = serialize(entries);
+        let (new_off, new_len) = if entries.is_empty() {
+            (0, 0)
+        } else {
+            let n = (bytes.len() as u64).div_ceil(cs);
+            let off = self.rc.alloc_run(file, n)?;
+            q.note_file_end(off + n * cs);
+            file.write_all_at(&bytes, off)
+                .map_err(|e| wio("write bitmap directory", e))?;
+            file.sync_data().map_err(|e| wio("flush", e))?;
+            (off, bytes.len() as u64)
+        };
+        self.write_bitmaps_extension(entries.len() as u32, new_len, new_off)?;
+        self.bitmaps_ok = !entries.is_empty() || self.bitmaps_ok;
+        file.sync_data().map_err(|e| wio("flush", e))?;
+        if let Some((old_off, old_len)) = self.dir.take() {
+            for k in 0..old_len.div_ceil(cs) {
+                self.rc.decrement(file, (old_off / cs) + k)?;
+            }
+        }
+        self.dir = (!entries.is_empty()).then_some((new_off, new_len));
+        Ok(pos)
+    }
+
+    /// Rewrite the header extensions of cluster 0 with this bitmaps extension (added if
+    /// missing, dropped if there are no bitmaps), in one write, as QEMU's header update does.
+    fn write_bitmaps_extension(&self, nb: u32, size: u64, offset: u64) -> Result<()> {
+        let chain = self.chain.clone();
+        let q = chain.top().qcow2().expect("qcow2");
+        let file = q.file();
+        let h = &q.header;
+        let cs = q.geo.cluster_size() as usize;
+        let mut c0 = vec![0u8; cs];
+        crate::qcow2::image::read_exact_or_zero(file, 0, &mut c0)
+            .map_err(|e| wio("read header", e))?;
+        let hl = h.header_length as usize;
+        let mut exts: Vec<(u32, Vec<u8>)> = Vec::new();
+        let mut at = hl;
+        loop {
+            let ty = u32::from_be_bytes(c0[at..at + 4].try_into().expect("4 bytes"));
+            let len = u32::from_be_bytes(c0[at + 4..at + 8].try_into().expect("4 bytes")) as usize;
+            if ty == 0 {
+                break;
+            }
+            if ty != EXT_BITMAPS {
+                exts.push((ty, c0[at + 8..at + 8 + len].to_vec()));
+            }
+            at += 8 + len.div_ceil(8) * 8;
+        }
+        if nb > 0 {
+            let mut d = Vec::with_capacity(24);
+            d.extend_from_slice(&nb.to_be_bytes());
+            d.extend_from_slice(&0u32.to_be_bytes());
+            d.extend_from_slice(&size.to_be_bytes());
+            d.extend_from_slice(&offset.to_be_bytes());
+            exts.push((EXT_BITMAPS, d));
+        }
+        let backing = h.backing_file.clone().unwrap_or_default();
+        let mut out = c0[..hl].to_vec();
+        for (ty, d) in &exts {
+            out.extend_from_slice(&ty.to_be_bytes());
+            out.extend_from_slice(&(d.len() as u32).to_be_bytes());
+            out.extend_from_slice(d);
+            while out.len() % 8 != 0 {
+                out.push(0);
+            }
+        }
+        out.extend_from_slice(&[0u8; 8]);
+        let backing_off = out.len() as u64;
+        out.extend_from_slice(backing.as_bytes());
+        if out.len() > cs {
+            return Err(Error::unsupported(
+                "header extensions do not fit in the first cluster",
+            ));
+        }
+        if !backing.is_empty() {
+            out[8..16].copy_from_slice(&backing_off.to_be_bytes());
+        }
+        let autoclear = if nb > 0 { AUTOCLEAR_BITMAPS } else { 0 };
+        out[88..96].copy_from_slice(&autoclear.to_be_bytes());
+        // Clear what the old layout had past the new end, in the same write.
+        let old_end = at + 8 + h.backing_file_size as usize;
+        out.resize(out.len().max(old_end.min(cs)), 0);
+        file.write_all_at(&out, 0)
+            .map_err(|e| wio("write header", e))
+    }
+
+    /// The current trusted entries of the top image, with the flags they have on disk now
+    /// (in_use while mounted). Returns (bitmap index, entry).
+    fn live_entries(&self) -> Result<Vec<(usize, BitmapEntry)>> {
+        let chain = self.chain.clone();
+        let q = chain.top().qcow2().expect("qcow2");
+        let mut out = Vec::new();
+        for (i, b) in q.bitmaps().iter().enumerate().filter(|(_, b)| !b.removed) {
+            if b.entry.extra_data_size != 0 {
+                return Err(Error::unsupported(format!(
+                    "bitmap '{}' has extra data; ckptfs does not rewrite such a directory",
+                    b.entry.name
+                )));
+            }
+            let mut e = b.entry.clone();
+            if b.distrust.is_none() {
+                e.flags |= FLAG_IN_USE;
+            }
+            out.push((i, e));
+        }
+        Ok(out)
+    }
+
+    /// Publish new in-memory entries (flags without in_use) at their new positions.
+    fn publish(&self, kept: &[(Option<usize>, BitmapEntry, Option<String>)], pos: &[usize]) {
+        let chain = self.chain.clone();
+        let q = chain.top().qcow2().expect("qcow2");
+        for ((idx, e, distrust), p) in kept.iter().zip(pos) {
+            let mut e = e.clone();
+            if distrust.is_none() {
+                e.flags &= !FLAG_IN_USE;
+            }
+            e.dir_pos = *p;
+            q.set_bitmap(*idx, Bitmap::new(e, distrust.clone()));
+        }
+    }
+
+    /// Add an enabled bitmap `name` with `granularity_bits`; `disable` (a bitmap index) stops
+    /// recording in the same directory update (delta scheme).
+    pub fn add_bitmap(
+        &mut self,
+        name: &str,
+        granularity_bits: u8,
+        disable: Option<usize>,
+    ) -> Result<()> {
+        self.check_new_name(name)?;
+        let chain = self.chain.clone();
+        let q = chain.top().qcow2().expect("qcow2");
+        if q.header.version < 3 {
+            return Err(Error::unsupported("qcow2 v2 images cannot store bitmaps"));
+        }
+        if q.header.bitmaps.is_some() && !self.bitmaps_ok {
+            return Err(Error::unsupported(
+                "the image's bitmaps are inconsistent (autoclear bit clear)",
+            ));
+        }
+        let cs = q.geo.cluster_size();
+        let file = q.file();
+        let mut entry = BitmapEntry {
+            name: name.to_string(),
+            bitmap_table_offset: 0,
+            bitmap_table_size: 0,
+            flags: FLAG_AUTO | FLAG_IN_USE,
+            bitmap_type: 1,
+            granularity_bits,
+            extra_data_size: 0,
+            dir_pos: 0,
+        };
+        let n = entry.table_size_for(q.size(), cs);
+        entry.bitmap_table_size =
+            u32::try_from(n).map_err(|_| Error::unsupported("bitmap table too large"))?;
+        if n > 0 {
+            let clusters = (n * 8).div_ceil(cs);
+            let off = self.rc.alloc_run(file, clusters)?;
+            q.note_file_end(off + clusters * cs);
+            file.write_all_at(&vec![0u8; (clusters * cs) as usize], off)
+                .map_err(|e| wio("write bitmap table", e))?;
+            entry.bitmap_table_offset = off;
+        }
+        let mut kept: Vec<(Option<usize>, BitmapEntry, Option<String>)> = Vec::new();
+        let bms = q.bitmaps();
+        for (i, mut e) in self.live_entries()? {
+            if Some(i) == disable {
+                e.flags &= !FLAG_AUTO;
+            }
+            kept.push((Some(i), e, bms[i].distrust.clone()));
+        }
+        kept.push((None, entry, None));
+        let entries: Vec<BitmapEntry> = kept.iter().map(|(_, e, _)| e.clone()).collect();
+        let pos = self.switch_directory(&entries)?;
+        self.publish(&kept, &pos);
+        Ok(())
+    }
+
+    /// Delete bitmap `bi` of the top image. With `merge_into`, its bits are ORed into that
+    /// bitmap first (delta scheme) and `enable` makes it the recording one; `rename` gives
+    /// other bitmaps new names (`child^parent` schemes). Without a merge target but with
+    /// `rename_self`, the bitmap is kept under that name instead (its parent had no bitmap in
+    /// the top image).
+    pub fn remove_bitmap(
+        &mut self,
+        bi: usize,
+        merge_into: Option<usize>,
+        enable: bool,
+        renames: &[(usize, String)],
+        rename_self: Option<String>,
+    ) -> Result<()> {
+        let chain = self.chain.clone();
+        let q = chain.top().qcow2().expect("qcow2");
+        let bms = q.bitmaps();
+        let cs = q.geo.cluster_size();
+        if let Some(t) = merge_into {
+            let table = q.bitmap_table(bi)?;
+            for idx in 0..table.len() as u64 {
+                let src = q.bitmap_cluster(bi, idx)?;
+                let dst = q.bitmap_cluster(t, idx)?;
+                let merged: Option<Vec<u8>> = match (src, dst) {
+                    (BitmapCluster::Fill(false), _) | (_, BitmapCluster::Fill(true)) => None,
+                    (BitmapCluster::Fill(true), _) => Some(vec![0xff; cs as usize]),
+                    (BitmapCluster::Data(s), BitmapCluster::Fill(false)) => Some(s.to_vec()),
+                    (BitmapCluster::Data(s), BitmapCluster::Data(d)) => {
+                        Some(s.iter().zip(d.iter()).map(|(a, b)| a | b).collect())
+                    }
+                };
+                if let Some(m) = merged {
+                    q.bitmap_overlay_set(t, idx, m.into());
+                }
+            }
+        }
+        let keep_self = merge_into.is_none() && rename_self.is_some();
+        let mut kept: Vec<(Option<usize>, BitmapEntry, Option<String>)> = Vec::new();
+        for (i, mut e) in self.live_entries()? {
+            if i == bi && !keep_self {
+                continue;
+            }
+            if i == bi {
+                e.name = rename_self.clone().expect("checked");
+            }
+            if let Some((_, n)) = renames.iter().find(|(r, _)| *r == i) {
+                e.name = n.clone();
+            }
+            if enable && Some(i) == merge_into {
+                e.flags |= FLAG_AUTO;
+            }
+            kept.push((Some(i), e, bms[i].distrust.clone()));
+        }
+        let entries: Vec<BitmapEntry> = kept.iter().map(|(_, e, _)| e.clone()).collect();
+        let pos = self.switch_directory(&entries)?;
+        self.publish(&kept, &pos);
+        if !keep_self {
+            let old = &bms[bi];
+            let mut gone = Bitmap::new(old.entry.clone(), old.distrust.clone());
+            gone.removed = true;
+            q.set_bitmap(Some(bi), gone);
+            self.free_bitmap_clusters(&old.entry)?;
+        }
+        Ok(())
+    }
+
+    fn free_bitmap_clusters(&mut self, e: &BitmapEntry) -> Result<()> {
+        let chain = self.chain.clone();
+        let q = chain.top().qcow2().expect("qcow2");
+        let file = q.file();
+        let cs = q.geo.cluster_size();
+        if e.bitmap_table_size == 0 {
+            return Ok(());
+        }
+        let mut raw = vec![0u8; e.bitmap_table_size as usize * 8];
+        file.read_exact_at(&mut raw, e.bitmap_table_offset)
+            .map_err(|er| wio("read bitmap table", er))?;
+        for c in raw.chunks_exact(8) {
+            let v = u64::from_be_bytes(c.try_into().expect("8 bytes"));
+            if let Ok(TableEntry::Data(off)) = crate::qcow2::bitmaps::decode_table_entry(v, cs) {
+                self.rc.decrement(file, off / cs)?;
+            }
+        }
+        for k in 0..(raw.len() as u64).div_ceil(cs) {
+            self.rc.decrement(file, e.bitmap_table_offset / cs + k)?;
+        }
+        Ok(())
+    }
+
+    /// Refuse an operation with a reason (for the FUSE layer's EPERM).
+    pub fn refuse(msg: String) -> Error {
+        refused(msg)
+    }
+}
