@@ -699,11 +699,9 @@ impl FsCore {
             }
         }
         let mut wl = w.lock();
-        if !delta || prev.is_none() {
-            wl.remove_bitmap(bi, None, false, &renames, None)?;
-        } else {
-            let p = prev.expect("checked");
-            match find_top(&p.name) {
+        match prev.filter(|_| delta) {
+            None => wl.remove_bitmap(bi, None, false, &renames, None)?,
+            Some(p) => match find_top(&p.name) {
                 Some(pbi) => {
                     wl.remove_bitmap(bi, Some(pbi), bms[bi].entry.auto(), &renames, None)?
                 }
@@ -720,7 +718,7 @@ impl FsCore {
                         .map_or(p.name.clone(), |b| b.entry.name.clone());
                     wl.remove_bitmap(bi, None, false, &renames, Some(pname))?
                 }
-            }
+            },
         }
         drop(wl);
         log::info!("checkpoint '{name}' deleted");
