@@ -27,15 +27,17 @@ usage: ckptfs [-o OPTS] [-f] IMAGE MOUNTPOINT   mount IMAGE (top of a qcow2 back
        ckptfs ls [--json] [--checkpoints DIR | --domain NAME] IMAGE
        ckptfs --help | --version
 
-Mounts a qcow2 backing chain read-only and shows one directory per checkpoint
+Mounts a qcow2 backing chain (read-only unless -o rw) and shows one directory per checkpoint
 (persistent dirty bitmap, frozen backing layer or internal snapshot) with the
 point-in-time disk.img where the chain holds it, a sparse changed.img holding
 the blocks changed since the checkpoint, bitmap.bin, extents and info.json.
 
 mount options (-o, comma separated):
   ro                   read-only (the default)
-  rw                   writable current/disk.img (not available in this version:
-                       the mount is read-only)
+  rw                   writable current/disk.img: writes go into the top image as
+                       QEMU writes them; mkdir/rmdir take and delete checkpoints
+  writable             rw through mount(8), which passes rw by default: there
+                       a bare rw mounts read-only, rw,writable writes
   allow_other          let other users see the tree (needs user_allow_other in
                        /etc/fuse.conf for non-root users)
   default_permissions  let the kernel check permissions

@@ -177,7 +177,35 @@ fn serve(p: Prepared, ready: impl FnOnce(std::result::Result<(), String>)) -> Re
     Ok(())
 }
 
+/// Is this process run by mount(8) through its FUSE helper?
+fn run_by_mount_helper() -> bool {
+    let mut pid = std::process::id();
+    for _ in 0..4 {
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            return false;
+        };
+        // "pid (comm) state ppid ...": comm may hold spaces, so split after the last ')'.
+        let Some((head, tail)) = stat.rsplit_once(')') else {
+            return false;
+        };
+        // mount(8) forks, execs mount.fuse3, which execs `sh -c "ckptfs ..."`.
+        if head.ends_with("(mount") || head.contains("(mount.fuse") {
+            return true;
+        }
+        match tail.split_whitespace().nth(1).and_then(|p| p.parse().ok()) {
+            Some(p) if p > 1 => pid = p,
+            _ => return false,
+        }
+    }
+    false
+}
+
 pub fn run(image: &Path, mountpoint: &Path, o: &MountOptions, foreground: bool) -> Result<()> {
+    let mut o = o.clone();
+    if run_by_mount_helper() && o.under_mount_helper() {
+        eprintln!("ckptfs: mounting read-only (mount(8) passes rw by default; use -o rw,writable to write)");
+    }
+    let o = &o;
     let prepared = prepare(image, mountpoint, o)?;
     if foreground {
         return serve(prepared, |_| {});

@@ -14,6 +14,8 @@ pub struct MountOptions {
     pub checkpoints: Option<PathBuf>,
     pub cache_mb: u64,
     pub debug: bool,
+    /// `writable`: confirms `rw` when mount(8) runs ckptfs (it passes `rw` by default).
+    pub writable: bool,
     /// Every option as given, in order (for current/info.json).
     pub given: Vec<String>,
 }
@@ -28,6 +30,7 @@ impl Default for MountOptions {
             checkpoints: None,
             cache_mb: 64,
             debug: false,
+            writable: false,
             given: Vec::new(),
         }
     }
@@ -84,6 +87,10 @@ impl MountOptions {
                 ("default_permissions", None) => self.default_permissions = true,
                 ("force_share", None) => self.force_share = true,
                 ("debug", None) => self.debug = true,
+                ("writable", None) => {
+                    self.writable = true;
+                    self.rw = true;
+                }
                 ("checkpoints", Some(d)) if !d.is_empty() => {
                     self.checkpoints = Some(PathBuf::from(d))
                 }
@@ -113,9 +120,20 @@ impl MountOptions {
         Ok(())
     }
 
+    /// mount(8) passes `rw` to helpers unless told `ro`, so under the mount helper a bare `rw`
+    /// cannot mean "write the image": it takes `rw,writable` there. Returns whether `rw` was
+    /// dropped, for a note to the user.
+    pub fn under_mount_helper(&mut self) -> bool {
+        if self.rw && !self.writable {
+            self.rw = false;
+            return true;
+        }
+        false
+    }
+
     /// Refuse combinations that make no sense.
     pub fn check(&self) -> Result<()> {
-        if self.rw && self.force_share {
+        if (self.rw || self.writable) && self.force_share {
             return Err(Error::invalid(
                 "rw and force_share cannot be combined (force_share reads an image a running QEMU writes)",
             ));
