@@ -141,6 +141,29 @@ fn block_signals() -> libc::sigset_t {
     }
 }
 
+/// Ask the kernel for larger readahead on the new mount (its FUSE bdi starts at 128 KiB, which
+/// caps sequential requests at 128 KiB). Best effort: needs root, silently skipped otherwise.
+fn raise_readahead(mountpoint: &Path) {
+    // The device number comes from mountinfo: a stat of the mountpoint would wait on this
+    // very daemon, which is not serving yet.
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let want = mountpoint.display().to_string().replace(' ', "\\040");
+    let Some(dev) = info.lines().rev().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.get(4) == Some(&want.as_str()))
+            .then(|| f.get(2).map(|d| d.to_string()))
+            .flatten()
+    }) else {
+        return;
+    };
+    let path = format!("/sys/class/bdi/{dev}/read_ahead_kb");
+    if let Err(e) = std::fs::write(&path, "4096") {
+        log::debug!("{path}: {e}");
+    }
+}
+
 /// Mount and serve until unmounted. `ready` is called once the mount is up (or failed).
 fn serve(p: Prepared, ready: impl FnOnce(std::result::Result<(), String>)) -> Result<()> {
     let set = block_signals();
@@ -171,6 +194,7 @@ fn serve(p: Prepared, ready: impl FnOnce(std::result::Result<(), String>)) -> Re
         p.mountpoint.display(),
         p.core.state().engine.model.checkpoints.len()
     );
+    raise_readahead(&p.mountpoint);
     ready(Ok(()));
     session.run().map_err(|e| Error::io("FUSE session", e))?;
     log::info!("unmounted {}", p.mountpoint.display());
@@ -304,6 +328,7 @@ pub fn spawn(image: &Path, mountpoint: &Path, o: &MountOptions) -> Result<Mounte
     };
     let session = fuser::spawn_mount(fs, &p.mountpoint, &p.config)
         .map_err(|e| Error::io(format!("{}: mount failed", p.mountpoint.display()), e))?;
+    raise_readahead(&p.mountpoint);
     Ok(Mounted {
         session: Some(session),
         core: p.core,
