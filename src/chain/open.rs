@@ -37,6 +37,8 @@ pub struct Layer {
     pub backing_format: Option<String>,
     /// Guest bytes read from this layer (for stats.json).
     pub bytes_read: std::sync::atomic::AtomicU64,
+    /// (length, mtime seconds, mtime nanoseconds) when opened, to notice changes underneath.
+    pub opened: (u64, i64, i64),
 }
 
 impl Layer {
@@ -219,6 +221,7 @@ impl Chain {
                     backing_name,
                     backing_format,
                     bytes_read: Default::default(),
+                    opened: (meta.len(), meta.mtime(), meta.mtime_nsec()),
                 }
             } else {
                 let size = meta.len().div_ceil(512) * 512;
@@ -232,6 +235,7 @@ impl Chain {
                     backing_name: None,
                     backing_format: None,
                     bytes_read: Default::default(),
+                    opened: (meta.len(), meta.mtime(), meta.mtime_nsec()),
                 }
             };
             let backing = layer.backing_name.clone();
@@ -247,6 +251,27 @@ impl Chain {
             }
         }
         Ok(Chain { layers })
+    }
+
+    /// Has a layer file changed since it was opened (another program wrote it)? Layers
+    /// from `first` down are checked (1 skips the top, for rw and force_share mounts).
+    pub fn changed_underneath(&self, first: usize) -> Option<String> {
+        for l in self.layers.iter().skip(first) {
+            let file = match &l.kind {
+                LayerKind::Qcow2(q) => q.file(),
+                LayerKind::Raw { file, .. } => file,
+            };
+            let Ok(m) = file.metadata() else { continue };
+            if (m.len(), m.mtime(), m.mtime_nsec()) != l.opened {
+                return Some(format!(
+                    "{} changed after it was mounted (size {} -> {}, mtime changed); remount to see its new content",
+                    l.path.display(),
+                    l.opened.0,
+                    m.len()
+                ));
+            }
+        }
+        None
     }
 
     pub fn top(&self) -> &Arc<Layer> {

@@ -90,6 +90,7 @@ fn prepare(image: &Path, mountpoint: &Path, o: &MountOptions) -> Result<Prepared
         gid: meta.gid(),
         image_mode: meta.mode(),
         mtime: meta.modified().unwrap_or(std::time::SystemTime::UNIX_EPOCH),
+        watch_from: usize::from(o.rw || o.force_share),
     };
     // Only after the locks: marking bitmaps in use writes to the image.
     let writer = if o.rw {

@@ -27,6 +27,9 @@ pub struct MountInfo {
     /// Mode bits of the top image (permissions of the tree derive from them).
     pub image_mode: u32,
     pub mtime: SystemTime,
+    /// First chain layer that must not change while mounted (1 when the top is written by
+    /// this mount or by a live QEMU).
+    pub watch_from: usize,
 }
 
 /// Attributes of one node.
@@ -83,6 +86,9 @@ pub struct FsCore {
     generated: Vec<Cached<Arc<[u8]>>>,
     /// The writer of the top image, on `-o rw` mounts; one at a time.
     writer: Option<Mutex<Writer>>,
+    /// Set once a layer was found changed underneath the mount: data reads then fail.
+    stale: OnceLock<String>,
+    last_check_ms: AtomicU64,
 }
 
 /// Does the chain name its bitmaps `child^parent`?
@@ -116,7 +122,35 @@ impl FsCore {
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             generated: (0..n).map(|_| OnceLock::new()).collect(),
+            stale: OnceLock::new(),
+            last_check_ms: AtomicU64::new(0),
         }
+    }
+
+    /// Refuse to serve data mixed from before and after another program changed a layer
+    /// (checked at most every 100 ms; fstat per layer).
+    fn check_fresh(&self, st: &State) -> Result<()> {
+        let eio = |m: &str| Error::io(m.to_string(), std::io::Error::from_raw_os_error(libc::EIO));
+        if let Some(m) = self.stale.get() {
+            return Err(eio(m));
+        }
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        if now.saturating_sub(self.last_check_ms.swap(now, Ordering::Relaxed)) < 100 {
+            return Ok(());
+        }
+        if let Some(m) = st
+            .engine
+            .model
+            .chain
+            .changed_underneath(self.info.watch_from)
+        {
+            log::error!("{m}");
+            let _ = self.stale.set(m.clone());
+            return Err(eio(&m));
+        }
+        Ok(())
     }
 
     /// The current model and tree (a snapshot: a concurrent mkdir/rmdir swaps in a new one).
@@ -410,6 +444,12 @@ impl FsCore {
         let len = self.getattr_size(st, node)?;
         if off >= len {
             return Ok(Vec::new());
+        }
+        if !matches!(
+            node,
+            Node::StatsJson | Node::CheckpointsJson | Node::CurrentInfo | Node::CkptInfo(_)
+        ) {
+            self.check_fresh(st)?;
         }
         let n = (len - off).min(u64::from(size)) as usize;
         let mut buf = vec![0u8; n];
