@@ -630,6 +630,12 @@ impl FsCore {
                 "checkpoints are made at the top of the tree",
             ));
         }
+        if name.contains('^') {
+            // '^' separates child and parent in delta-scheme bitmap names.
+            return Err(Error::invalid(format!(
+                "checkpoint name '{name}': '^' is reserved"
+            )));
+        }
         let st = self.state();
         if st.tree.lookup(ROOT, name).is_some() {
             return Err(Error::io(

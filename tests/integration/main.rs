@@ -1,4 +1,5 @@
 //! Integration tests: one binary, one module per area.
+mod checkpoints_rw;
 mod common;
 mod contrib;
 mod hostile;
@@ -6,4 +7,3 @@ mod mount;
 mod mountutil;
 mod props;
 mod reader;
-mod rw;
