@@ -405,12 +405,14 @@ impl FsCore {
             }
             _ => {}
         }
-        // On rw mounts the data behind every file but current/disk.img itself changes with
-        // writes the kernel cannot see coming: no page cache there.
+        // On rw mounts the data behind every file changes with writes the kernel cannot see
+        // coming: no page cache there.
         let rw = self.writer.is_some();
         Ok(OpenMode {
             fh,
-            direct_io: node == Node::StatsJson || (rw && node != Node::CurrentDisk),
+            // On rw mounts disk.img too: the kernel then forwards a write that crosses the end
+            // whole, so it is refused whole instead of being cut at a page boundary.
+            direct_io: node == Node::StatsJson || rw,
             keep_cache: node != Node::StatsJson && !rw,
         })
     }

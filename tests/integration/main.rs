@@ -7,3 +7,4 @@ mod mount;
 mod mountutil;
 mod props;
 mod reader;
+mod rw;
