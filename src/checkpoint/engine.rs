@@ -3,11 +3,11 @@
 //! come from the cache; nothing scans the whole disk unless the question needs it.
 
 use super::cache::ChunkCache;
-use super::model::Model;
+use super::model::{Model, Source};
 use super::since::{self, Bits, CHUNK_BLOCKS};
 use crate::chain::Disk;
 use crate::error::{Error, ErrorKind, Result};
-use crate::qcow2::Table;
+use crate::qcow2::{BitmapCluster, Qcow2Image, Table};
 use parking_lot::RwLock;
 use std::sync::{Arc, OnceLock};
 
@@ -31,13 +31,29 @@ pub fn keep<T: Clone>(cell: &Cached<T>, f: impl FnOnce() -> Result<T>) -> Result
 }
 
 impl Engine {
+    /// An engine whose caches, together, stay within about `cache_bytes`: half for since-set
+    /// chunks, half shared by the qcow2 layers' own caches (L2 tables, decompressed and
+    /// bitmap clusters; see `Qcow2Image::set_cache_budget`).
     pub fn new(model: Arc<Model>, cache_bytes: u64) -> Engine {
         let n = model.checkpoints.len();
         let current = Disk::new(model.chain.clone(), 0, Table::Active);
+        let layer_bytes = cache_bytes / 2;
+        let images: Vec<&Qcow2Image> = model
+            .chain
+            .layers
+            .iter()
+            .filter_map(|l| l.qcow2())
+            .collect();
+        if !images.is_empty() {
+            let each = usize::try_from(layer_bytes / images.len() as u64).unwrap_or(usize::MAX);
+            for q in images {
+                q.set_cache_budget(each);
+            }
+        }
         Engine {
-            model,
             current,
-            cache: ChunkCache::new(cache_bytes),
+            cache: ChunkCache::new(cache_bytes - layer_bytes),
+            model,
             cache_bytes,
             extents: RwLock::new((0..n).map(|_| OnceLock::new()).collect()),
             changed: RwLock::new((0..n).map(|_| OnceLock::new()).collect()),
@@ -61,11 +77,57 @@ impl Engine {
 
     pub fn chunk(&self, ci: usize, k: u64) -> Result<Arc<Bits>> {
         self.check_valid(ci)?;
-        let c = &self.model.checkpoints[ci];
         let total = self.total_blocks(ci);
-        self.cache.get(ci, k, || {
-            since::compute_chunk(&self.model.chain, c, total, k)
-        })
+        self.cache.get(ci, k, || self.compute_chunk(ci, total, k))
+    }
+
+    /// Chunk `k` of checkpoint `ci`'s since-set. Bitmap sources at the checkpoint's own
+    /// granularity (the usual case) are ORed in a word at a time from their stored clusters;
+    /// any other source goes through `since::compute_chunk`.
+    fn compute_chunk(&self, ci: usize, total: u64, k: u64) -> Result<Bits> {
+        let c = &self.model.checkpoints[ci];
+        let chain = &self.model.chain;
+        let g = c.granularity;
+        let mut direct: Vec<(&Qcow2Image, usize)> = Vec::new();
+        let mut rest: Vec<Source> = Vec::new();
+        for s in &c.sources {
+            match *s {
+                Source::Bitmap { layer, bitmap } => match chain.layers[layer].qcow2() {
+                    Some(q) if q.bitmap(bitmap).is_some_and(|b| b.entry.granularity() == g) => {
+                        direct.push((q, bitmap))
+                    }
+                    _ => rest.push(*s),
+                },
+                _ => rest.push(*s),
+            }
+        }
+        if direct.is_empty() || c.invalid.is_some() {
+            return since::compute_chunk(chain, c, total, k);
+        }
+        let mut bits = if rest.is_empty() {
+            vec![0u64; since::CHUNK_WORDS]
+        } else {
+            let mut others = c.clone();
+            others.sources = rest;
+            since::compute_chunk(chain, &others, total, k)?
+        };
+        let b0 = k * CHUNK_BLOCKS;
+        let b1 = (b0 + CHUNK_BLOCKS).min(total);
+        if b0 >= b1 {
+            return Ok(bits);
+        }
+        for (q, bi) in direct {
+            or_bitmap(q, bi, b0, b1, &mut bits)?;
+        }
+        // Bits past the disk's end stay zero.
+        let valid = (b1 - b0) as usize;
+        if valid < CHUNK_BLOCKS as usize {
+            if valid % 64 != 0 {
+                bits[valid / 64] &= (1u64 << (valid % 64)) - 1;
+            }
+            bits[valid.div_ceil(64)..].fill(0);
+        }
+        Ok(bits)
     }
 
     /// The disk changed in `[off, off+len)`: drop every cached answer that covers it.
@@ -141,12 +203,16 @@ impl Engine {
 
     /// Read changed.img: current data in changed blocks, zeros elsewhere.
     pub fn read_changed(&self, ci: usize, off: u64, buf: &mut [u8]) -> Result<()> {
-        buf.fill(0);
+        // Only the holes between changed runs are zeroed; the runs are read over.
+        let mut done = 0usize;
         for (s, e) in self.changed_runs(ci, off, buf.len() as u64)? {
             let a = (s - off) as usize;
             let b = (e - off) as usize;
+            buf[done..a].fill(0);
             self.current.read(s, &mut buf[a..b])?;
+            done = b;
         }
+        buf[done..].fill(0);
         Ok(())
     }
 
@@ -212,4 +278,58 @@ impl Engine {
             Ok(Arc::from(out))
         })
     }
+}
+
+/// Set bits [from, to) of a chunk.
+fn set_range(bits: &mut Bits, from: u64, to: u64) {
+    let mut i = from;
+    while i < to {
+        let (w, b) = ((i / 64) as usize, i % 64);
+        let n = (64 - b).min(to - i);
+        bits[w] |= if n == 64 {
+            u64::MAX
+        } else {
+            ((1u64 << n) - 1) << b
+        };
+        i += n;
+    }
+}
+
+/// OR the bits of bitmap `bi` of `q` (at the chunk's own granularity) for blocks [b0, b1) into
+/// `bits` (bit i = block b0 + i; b0 is a multiple of CHUNK_BLOCKS). Bits of the last word past
+/// b1 may be set; the caller masks them.
+fn or_bitmap(q: &Qcow2Image, bi: usize, b0: u64, b1: u64, bits: &mut Bits) -> Result<()> {
+    // A bitmap cluster holds 8 * cluster_size bits, a power of two of at least 4096: chunk
+    // and cluster boundaries are both multiples of 64 bits, so whole words line up.
+    let per_cluster = q.geo.cluster_size() * 8;
+    let mut j = b0;
+    while j < b1 {
+        let idx = j / per_cluster;
+        let base = idx * per_cluster;
+        let end = ((idx + 1) * per_cluster).min(b1);
+        match q.bitmap_cluster(bi, idx)? {
+            BitmapCluster::Fill(false) => {}
+            BitmapCluster::Fill(true) => set_range(bits, j - b0, end - b0),
+            BitmapCluster::Data(data) => {
+                let w0 = ((j - b0) / 64) as usize;
+                let nw = (end - j).div_ceil(64) as usize;
+                let from = ((j - base) / 8) as usize;
+                let src = data.get(from..).unwrap_or(&[]);
+                let src = &src[..src.len().min(nw * 8)];
+                let dst = &mut bits[w0..w0 + nw];
+                let mut words = src.chunks_exact(8);
+                for (d, s) in dst.iter_mut().zip(&mut words) {
+                    *d |= u64::from_le_bytes(s.try_into().expect("8 bytes"));
+                }
+                let tail = words.remainder();
+                if !tail.is_empty() {
+                    let mut last = [0u8; 8];
+                    last[..tail.len()].copy_from_slice(tail);
+                    dst[src.len() / 8] |= u64::from_le_bytes(last);
+                }
+            }
+        }
+        j = end;
+    }
+    Ok(())
 }

@@ -65,9 +65,12 @@ pub enum BitmapCluster {
 /// Bitmap data clusters changed in memory, by (bitmap index, table index).
 pub type BitmapOverlay = std::collections::HashMap<(usize, u64), Arc<[u8]>>;
 
-/// Byte budget for this image's metadata caches.
-const L2_CACHE_BYTES: usize = 16 << 20;
-const DATA_CACHE_BYTES: usize = 8 << 20;
+/// Default byte budget for this image's caches (L2 tables, and decompressed or bitmap data
+/// clusters) until `set_cache_budget` gives it its share of the mount's `cache_mb`.
+pub const DEFAULT_CACHE_BYTES: usize = 8 << 20;
+
+/// Split of a cache budget: this share (in quarters) goes to L2 tables, the rest to clusters.
+const L2_QUARTERS: usize = 3;
 
 pub struct Qcow2Image {
     pub path: PathBuf,
@@ -114,6 +117,14 @@ pub fn read_exact_or_zero(file: &File, off: u64, buf: &mut [u8]) -> std::io::Res
     Ok(())
 }
 
+thread_local! {
+    /// The compressed bytes of the cluster being decompressed, reused between clusters.
+    static COMPRESSED_INPUT: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A thread keeps its compressed-input buffer up to this size (large clusters free it).
+const MAX_KEPT_INPUT: usize = 1 << 20;
+
 fn cap(bytes: usize, unit: u64) -> NonZeroUsize {
     NonZeroUsize::new((bytes / unit.max(1) as usize).max(4)).expect("at least 4")
 }
@@ -141,10 +152,16 @@ impl Qcow2Image {
             l1: RwLock::new(Vec::new()),
             bitmaps: Default::default(),
             snapshots: Vec::new(),
-            l2_cache: Mutex::new(LruCache::new(cap(L2_CACHE_BYTES, cs))),
+            l2_cache: Mutex::new(LruCache::new(cap(
+                DEFAULT_CACHE_BYTES / 4 * L2_QUARTERS,
+                cs,
+            ))),
             l2_gen: Default::default(),
             bitmap_overlay: Default::default(),
-            cluster_cache: Mutex::new(LruCache::new(cap(DATA_CACHE_BYTES, cs))),
+            cluster_cache: Mutex::new(LruCache::new(cap(
+                DEFAULT_CACHE_BYTES - DEFAULT_CACHE_BYTES / 4 * L2_QUARTERS,
+                cs,
+            ))),
             decompressed: Default::default(),
             geo,
             header,
@@ -155,6 +172,16 @@ impl Qcow2Image {
         img.load_snapshots()?;
         img.load_bitmaps()?;
         Ok(img)
+    }
+
+    /// Bound this image's caches to about `bytes` (three quarters for L2 tables, the rest for
+    /// decompressed and bitmap data clusters; at least 4 clusters each). Shrinking drops the
+    /// least recently used entries at once.
+    pub fn set_cache_budget(&self, bytes: usize) {
+        let cs = self.geo.cluster_size();
+        let l2 = bytes / 4 * L2_QUARTERS;
+        self.l2_cache.lock().resize(cap(l2, cs));
+        self.cluster_cache.lock().resize(cap(bytes - l2, cs));
     }
 
     /// Every bitmap, by stable index (deleted ones stay, flagged `removed`).
@@ -553,8 +580,18 @@ impl Qcow2Image {
             Mapping::Data(host) => read_exact_or_zero(&self.file, host, buf)
                 .map_err(|e| Error::io(format!("{}: read at {host:#x}", self.path.display()), e)),
             Mapping::Compressed { host_off, len } => {
-                let cluster = self.compressed_cluster(host_off, len)?;
                 let in_off = (off & (self.geo.cluster_size() - 1)) as usize;
+                if in_off == 0 && buf.len() as u64 == self.geo.cluster_size() {
+                    // The whole cluster (large sequential reads): decompress it straight into
+                    // the caller's buffer; keeping a copy would only pay for a later partial
+                    // read of the same cluster.
+                    if let Some(c) = self.cluster_cache.lock().get(&host_off) {
+                        buf.copy_from_slice(c);
+                        return Ok(());
+                    }
+                    return self.decompress_into(host_off, len, buf);
+                }
+                let cluster = self.compressed_cluster(host_off, len)?;
                 let src = cluster
                     .get(in_off..in_off + buf.len())
                     .ok_or_else(|| Error::corrupt("read past a compressed cluster"))?;
@@ -568,19 +605,53 @@ impl Qcow2Image {
         }
     }
 
+    /// The decompressed cluster at `host_off`, from the cache or decompressed into it.
     fn compressed_cluster(&self, host_off: u64, len: u64) -> Result<Arc<[u8]>> {
         if let Some(c) = self.cluster_cache.lock().get(&host_off) {
             return Ok(c.clone());
         }
-        let input = self.read_meta(host_off, len, "compressed cluster")?;
-        let mut out = vec![0u8; self.geo.cluster_size() as usize];
-        compress::decompress(self.header.compression_type, &input, &mut out)
+        // Decompress straight into the buffer the cache keeps (one allocation, no copy).
+        let mut out: Arc<[u8]> =
+            std::iter::repeat_n(0u8, self.geo.cluster_size() as usize).collect();
+        self.decompress_into(
+            host_off,
+            len,
+            Arc::get_mut(&mut out).expect("a new Arc is unique"),
+        )?;
+        self.cluster_cache.lock().put(host_off, out.clone());
+        Ok(out)
+    }
+
+    /// Decompress the compressed cluster at `host_off` (`len` bytes stored) into `out` (one
+    /// cluster). The compressed bytes go through a per-thread buffer.
+    fn decompress_into(&self, host_off: u64, len: u64, out: &mut [u8]) -> Result<()> {
+        // The same bound as `read_meta`: never past the file by more than a cluster.
+        let cs = self.geo.cluster_size();
+        if len > self.file_len().saturating_sub(host_off).saturating_add(cs) {
+            return Err(Error::corrupt(format!(
+                "compressed cluster ({len} bytes at {host_off:#x}) runs past the end of the file \
+                 ({} bytes)",
+                self.file_len()
+            )));
+        }
+        let len =
+            usize::try_from(len).map_err(|_| Error::corrupt("compressed cluster too large"))?;
+        COMPRESSED_INPUT
+            .with(|cell| {
+                let mut input = cell.borrow_mut();
+                input.resize(len, 0);
+                let r = read_exact_or_zero(&self.file, host_off, &mut input[..len])
+                    .map_err(|e| Error::io("read compressed cluster", e))
+                    .and_then(|()| compress::decompress(self.header.compression_type, &input, out));
+                if input.capacity() > MAX_KEPT_INPUT {
+                    *input = Vec::new();
+                }
+                r
+            })
             .map_err(|e| e.context(format!("{}: cluster at {host_off:#x}", self.path.display())))?;
         self.decompressed
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let out: Arc<[u8]> = out.into();
-        self.cluster_cache.lock().put(host_off, out.clone());
-        Ok(out)
+        Ok(())
     }
 
     /// The decoded table of bitmap `i`, loaded once.
