@@ -111,7 +111,9 @@ fn prepare(image: &Path, mountpoint: &Path, o: &MountOptions) -> Result<Prepared
         MountOption::NoDev,
         MountOption::NoSuid,
     ];
-    if o.default_permissions {
+    // With allow_other the kernel must check modes: otherwise every user could read a
+    // private image through a root-owned mount.
+    if o.default_permissions || o.allow_other {
         config.mount_options.push(MountOption::DefaultPermissions);
     }
     config.acl = if o.allow_other {

@@ -137,7 +137,13 @@ impl FsCore {
         let now = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
-        if now.saturating_sub(self.last_check_ms.swap(now, Ordering::Relaxed)) < 100 {
+        let last = self.last_check_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(last) < 100
+            || self
+                .last_check_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
             return Ok(());
         }
         if let Some(m) = st

@@ -101,9 +101,8 @@ impl std::fmt::Debug for Qcow2Image {
     }
 }
 
-/// Read `buf.len()` bytes at `off`, zero-filling what lies past the end of the file
-/// (QEMU's file driver does the same).
-pub fn read_exact_or_zero(file: &File, off: u64, buf: &mut [u8]) -> std::io::Result<()> {
+/// Read up to `buf.len()` bytes at `off`, stopping at the end of the file; returns the count.
+pub fn read_up_to(file: &File, off: u64, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut done = 0;
     while done < buf.len() {
         match file.read_at(&mut buf[done..], off + done as u64) {
@@ -113,6 +112,13 @@ pub fn read_exact_or_zero(file: &File, off: u64, buf: &mut [u8]) -> std::io::Res
             Err(e) => return Err(e),
         }
     }
+    Ok(done)
+}
+
+/// Read `buf.len()` bytes at `off`, zero-filling what lies past the end of the file
+/// (QEMU's file driver does the same).
+pub fn read_exact_or_zero(file: &File, off: u64, buf: &mut [u8]) -> std::io::Result<()> {
+    let done = read_up_to(file, off, buf)?;
     buf[done..].fill(0);
     Ok(())
 }
@@ -577,8 +583,25 @@ impl Qcow2Image {
     /// Read guest bytes at `off` that `map` reported as `m` (Data or Compressed) into `buf`.
     pub fn read_mapped(&self, m: Mapping, off: u64, buf: &mut [u8]) -> Result<()> {
         match m {
-            Mapping::Data(host) => read_exact_or_zero(&self.file, host, buf)
-                .map_err(|e| Error::io(format!("{}: read at {host:#x}", self.path.display()), e)),
+            Mapping::Data(host) => {
+                let got = read_up_to(&self.file, host, buf).map_err(|e| {
+                    Error::io(format!("{}: read at {host:#x}", self.path.display()), e)
+                })?;
+                let short_of_known_end = got < buf.len() && host + (got as u64) < self.file_len();
+                if (got == 0 && !buf.is_empty()) || short_of_known_end {
+                    // Nothing at all where an allocated cluster's bytes must be: the file was
+                    // truncated (underneath us, or by a broken tool). Never serve that as zeros.
+                    return Err(Error::io(
+                        format!(
+                            "{}: data at {host:#x} lies past the end of the file (truncated?)",
+                            self.path.display()
+                        ),
+                        std::io::Error::from_raw_os_error(libc::EIO),
+                    ));
+                }
+                buf[got..].fill(0);
+                Ok(())
+            }
             Mapping::Compressed { host_off, len } => {
                 let in_off = (off & (self.geo.cluster_size() - 1)) as usize;
                 if in_off == 0 && buf.len() as u64 == self.geo.cluster_size() {

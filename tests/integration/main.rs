@@ -7,4 +7,5 @@ mod mount;
 mod mountutil;
 mod props;
 mod reader;
+mod reliability;
 mod rw;
