@@ -136,3 +136,58 @@ pub fn run_image(data: &[u8]) {
         }
     }
 }
+
+/// Like `run_image`, but through the filesystem core a mount serves: walk the whole tree
+/// (readdir, lookup, getattr), open every file, read a few ranges and SEEK_DATA/SEEK_HOLE.
+pub fn run_tree(data: &[u8]) {
+    use ckptfs::fs::{FsCore, MountInfo};
+    let path = scratch_path();
+    std::fs::write(&path, data).expect("write scratch image");
+    let Ok(chain) = Chain::open(&path) else {
+        return;
+    };
+    let model = Model::build(Arc::new(chain), &Default::default());
+    let engine = Engine::new(Arc::new(model), 8 << 20);
+    let info = MountInfo {
+        options: serde_json::Value::Null,
+        uid: 0,
+        gid: 0,
+        image_mode: 0o644,
+        mtime: std::time::SystemTime::UNIX_EPOCH,
+        watch_from: usize::MAX,
+    };
+    let core = FsCore::new(engine, info, None);
+    let mut budget = MAX_READS;
+    let mut dirs = vec![core.root()];
+    while let Some(dir) = dirs.pop() {
+        let Ok(entries) = core.readdir(dir) else {
+            continue;
+        };
+        for (ino, is_dir, name) in entries {
+            if name == "." || name == ".." {
+                continue;
+            }
+            let _ = core.lookup(dir, &name);
+            let Ok(attr) = core.getattr(ino) else {
+                continue;
+            };
+            if is_dir {
+                dirs.push(ino);
+                continue;
+            }
+            let Ok(open) = core.open(ino, false) else {
+                continue;
+            };
+            for off in [0, attr.size / 2, attr.size.saturating_sub(100)] {
+                if budget == 0 {
+                    break;
+                }
+                budget -= 1;
+                let _ = core.read(ino, open.fh, off, READ_LEN as u32);
+            }
+            let _ = core.lseek(ino, 0, ckptfs::fs::ops::SEEK_DATA);
+            let _ = core.lseek(ino, 0, ckptfs::fs::ops::SEEK_HOLE);
+            core.release(open.fh);
+        }
+    }
+}
