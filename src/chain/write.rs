@@ -322,14 +322,14 @@ impl Writer {
         let mut edits = Vec::new();
         for (l1_idx, ups) in by_table {
             let l2 = q.l2_offset(Table::Active, l1_idx)?;
-            let (l2, mut table) = if l2 == 0 {
+            let fresh = l2 == 0;
+            let (l2, mut table) = if fresh {
                 let t = self.rc.alloc(file)?;
                 q.note_file_end(t + q.geo.cluster_size());
                 (t, vec![0u64; (per * words) as usize])
             } else {
                 (l2, q.l2_table(l2)?.to_vec())
             };
-            let fresh = q.l2_offset(Table::Active, l1_idx)? == 0;
             for u in &ups {
                 let i = ((u.gc % per) * words) as usize;
                 table[i] = u.entry;
