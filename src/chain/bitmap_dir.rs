@@ -82,6 +82,7 @@ impl Writer {
             let n = (bytes.len() as u64).div_ceil(cs);
             let off = self.rc.alloc_run(file, n)?;
             q.note_file_end(off + n * cs);
+            self.rc.protect(file, off, n * cs, "bitmap directory")?;
             file.write_all_at(&bytes, off)
                 .map_err(|e| wio("write bitmap directory", e))?;
             file.sync_data().map_err(|e| wio("flush", e))?;
@@ -236,6 +237,7 @@ impl Writer {
             let clusters = (n * 8).div_ceil(cs);
             let off = self.rc.alloc_run(file, clusters)?;
             q.note_file_end(off + clusters * cs);
+            self.rc.protect(file, off, clusters * cs, "bitmap table")?;
             file.write_all_at(&vec![0u8; (clusters * cs) as usize], off)
                 .map_err(|e| wio("write bitmap table", e))?;
             entry.bitmap_table_offset = off;

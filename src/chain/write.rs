@@ -12,6 +12,7 @@ use super::open::Chain;
 use super::read::Disk;
 use crate::error::{Error, ErrorKind, Result};
 use crate::qcow2::bitmaps::{decode_table_entry, TableEntry, FLAG_IN_USE};
+use crate::qcow2::guard;
 use crate::qcow2::header::{AUTOCLEAR_BITMAPS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
 use crate::qcow2::l2::{L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO};
 use crate::qcow2::refcount::Refcounts;
@@ -68,7 +69,15 @@ impl Writer {
         if h.nb_snapshots > 0 {
             return refuse("it has internal snapshots (shared clusters are not written by ckptfs)");
         }
-        let rc = Refcounts::load(q)?;
+        let mut rc = Refcounts::load(q)?;
+        let protected = rc.protect_blocks(q.file()).and_then(|()| {
+            guard::metadata(q)?
+                .into_iter()
+                .try_for_each(|(off, len, what)| rc.protect(q.file(), off, len, what))
+        });
+        if let Err(e) = protected {
+            return refuse(&e.msg);
+        }
         let autoclear_ok = h.autoclear_features & AUTOCLEAR_BITMAPS != 0;
         let fix_autoclear = autoclear_ok && h.autoclear_features != AUTOCLEAR_BITMAPS;
         let mut w = Writer {
@@ -213,6 +222,7 @@ impl Writer {
             };
             match self.owned_host(e) {
                 Some(host) if fully_mapped => {
+                    self.rc.check_write(host + in_off, n as u64, "guest data")?;
                     self.file()
                         .write_all_at(chunk, host + in_off)
                         .map_err(|er| wio("write data", er))?;
@@ -232,6 +242,7 @@ impl Writer {
                             self.alloc()?
                         }
                     };
+                    self.rc.check_write(host, cs, "guest data")?;
                     self.file()
                         .write_all_at(&buf, host)
                         .map_err(|er| wio("write data", er))?;
@@ -326,6 +337,7 @@ impl Writer {
             let (l2, mut table) = if fresh {
                 let t = self.rc.alloc(file)?;
                 q.note_file_end(t + q.geo.cluster_size());
+                self.rc.protect(file, t, q.geo.cluster_size(), "L2 table")?;
                 (t, vec![0u64; (per * words) as usize])
             } else {
                 (l2, q.l2_table(l2)?.to_vec())
@@ -455,6 +467,7 @@ impl Writer {
                 _ => {
                     let off = self.rc.alloc(file)?;
                     q.note_file_end(off + cs);
+                    self.rc.protect(file, off, cs, "bitmap data")?;
                     file.write_all_at(&data, off)
                         .map_err(|e| wio("write bitmap data", e))?;
                     file.sync_data().map_err(|e| wio("flush", e))?;

@@ -4,6 +4,7 @@
 pub mod bitmaps;
 pub mod bytes;
 pub mod compress;
+pub mod guard;
 pub mod header;
 pub mod image;
 pub mod l2;

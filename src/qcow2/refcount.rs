@@ -5,6 +5,7 @@
 //! write. Every change is written through (the caller decides when to flush).
 
 use super::bytes::u64_table;
+use super::guard::Guard;
 use super::image::Qcow2Image;
 use crate::error::{Error, Result};
 use std::collections::HashMap;
@@ -22,6 +23,8 @@ pub struct Refcounts {
     blocks: HashMap<u64, Vec<u8>>,
     /// No cluster below this is free (a search hint, lowered when clusters are freed).
     next_free: u64,
+    /// Clusters holding metadata: counted (so never handed out) and never written with data.
+    guard: Guard,
 }
 
 fn io(what: &str, e: std::io::Error) -> Error {
@@ -44,7 +47,65 @@ impl Refcounts {
             table: u64_table(&buf),
             blocks: HashMap::new(),
             next_free: 1,
+            guard: Guard::default(),
         })
+    }
+
+    /// `[off, off+len)` holds `what`: refused if it overlaps other metadata or any of its
+    /// clusters has refcount 0 (the allocator would hand it out and overwrite it).
+    pub fn protect(&mut self, file: &File, off: u64, len: u64, what: &'static str) -> Result<()> {
+        let (c0, c1) = self.clusters(off, len);
+        self.guard.protect(c0, c1, what)?;
+        for c in c0..c1 {
+            if self.get(file, c)? == 0 {
+                return Err(Error::corrupt(format!(
+                    "the {what} at {off:#x} has refcount 0 (qemu-img check -r all)"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuse to write `what` over metadata (a hostile or corrupt image pointing data there).
+    pub fn check_write(&self, off: u64, len: u64, what: &str) -> Result<()> {
+        let (c0, c1) = self.clusters(off, len);
+        match self.guard.hit(c0, c1) {
+            Some(meta) => Err(Error::corrupt(format!(
+                "refusing to write {what} at {off:#x}: the image keeps its {meta} there \
+                 (qemu-img check -r all)"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Protect every refcount block the table names.
+    pub fn protect_blocks(&mut self, file: &File) -> Result<()> {
+        let cs = self.cs();
+        let offs: Vec<u64> = self
+            .table
+            .iter()
+            .map(|e| e & OFFSET_MASK)
+            .filter(|&o| o != 0)
+            .collect();
+        for off in offs {
+            if off % cs != 0 {
+                return Err(Error::corrupt(format!(
+                    "refcount block offset {off:#x} is not cluster aligned"
+                )));
+            }
+            self.protect(file, off, cs, "refcount block")?;
+        }
+        Ok(())
+    }
+
+    /// The clusters a byte range touches.
+    fn clusters(&self, off: u64, len: u64) -> (u64, u64) {
+        let c0 = off >> self.cluster_bits;
+        let end = off.saturating_add(len);
+        (
+            c0,
+            (end >> self.cluster_bits) + u64::from(end % self.cs() != 0),
+        )
     }
 
     fn cs(&self) -> u64 {
@@ -131,8 +192,9 @@ impl Refcounts {
         let (s, e) = Self::set_in(b, c % per, bits, v);
         file.write_all_at(&b[s..e], off + s as u64)
             .map_err(|e| io("write refcount block", e))?;
-        if v == 0 && c < self.next_free {
-            self.next_free = c;
+        if v == 0 {
+            self.guard.release(c);
+            self.next_free = self.next_free.min(c);
         }
         Ok(())
     }
@@ -227,7 +289,7 @@ impl Refcounts {
         file.sync_data().map_err(|e| io("flush", e))?;
         self.table[ti as usize] = off;
         self.blocks.insert(off, b);
-        Ok(())
+        self.protect(file, off, self.cs(), "refcount block")
     }
 
     /// Replace a full refcount table with one twice as large, placed (with the block that
@@ -270,6 +332,8 @@ impl Refcounts {
         self.table_offset = table_off;
         self.table_clusters = new_clusters;
         self.blocks.insert(block_off, block);
+        self.protect(file, block_off, cs, "refcount block")?;
+        self.protect(file, table_off, new_clusters * cs, "refcount table")?;
         for k in 0..old_clusters {
             self.decrement(file, (old_off >> self.cluster_bits) + k)?;
         }

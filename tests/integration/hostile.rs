@@ -10,6 +10,7 @@
 //! limit.
 
 use crate::common::{create, qemu_img, qemu_io, tempdir, varied_data, Prng};
+use ckptfs::chain::write::Writer;
 use ckptfs::chain::{Chain, Disk};
 use ckptfs::checkpoint::{render, Engine, Model};
 use ckptfs::qcow2::bitmaps::parse_directory;
@@ -69,7 +70,7 @@ enum Outcome {
 const CASE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Run `f` on a fresh guarded thread: Ok(outcome), or Err(text of the panic or hang).
-fn guarded(f: impl FnOnce() -> Outcome + Send + 'static) -> Result<Outcome, String> {
+fn guarded<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, String> {
     install_hook();
     let (tx, rx) = mpsc::channel();
     let handle = std::thread::spawn(move || {
@@ -165,6 +166,33 @@ fn exercise(top: &Path) -> Outcome {
     let _ = render::checkpoints_json(&engine);
     let _ = render::ls_text(&engine);
     Outcome::Opened
+}
+
+/// Open `top` for writing (its read-only handles must be closed: the locks conflict) and write,
+/// zero and close as an rw mount would. Refusals and errors are fine; panics and hangs are not.
+/// True if the writer opened.
+fn exercise_rw(top: &Path) -> bool {
+    let Ok(chain) = Chain::open_with(top, true) else {
+        return false;
+    };
+    let chain = Arc::new(chain);
+    let size = chain.top().qcow2().map_or(0, |q| q.size());
+    let Ok(mut w) = Writer::open(chain) else {
+        return false;
+    };
+    let data = varied_data(70_000, 11);
+    for (off, len) in [
+        (0, 4096),
+        (size / 2 + 777, 70_000),
+        (size.saturating_sub(5000), 5000),
+    ] {
+        let len = len.min(size.saturating_sub(off) as usize);
+        let _ = w.write(off, &data[..len]);
+    }
+    let _ = w.zero(size / 4, (size / 4).min(1 << 20));
+    let _ = w.flush();
+    let _ = w.close();
+    true
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -659,8 +687,15 @@ fn hostile_worker() {
         std::fs::write(&t.mutate, &bytes).unwrap();
         say(format!("@@S {i}"));
         let open = t.open.clone();
-        match guarded(move || exercise(&open)) {
-            Ok(o) => say(format!("@@D {i} {o:?}")),
+        // Writing is tried where the mutated file is the one opened (so the next case starts
+        // from the original again).
+        let rw = t.open == t.mutate;
+        match guarded(move || {
+            let o = exercise(&open);
+            let written = rw && exercise_rw(&open);
+            (o, written)
+        }) {
+            Ok((o, written)) => say(format!("@@D {i} {o:?} written={written}")),
             Err(e) => {
                 let hex: String = if bytes.len() <= 4096 {
                     bytes.iter().map(|b| format!("{b:02x}")).collect()
@@ -702,7 +737,7 @@ fn hostile_images_fail_cleanly() {
     let t0 = Instant::now();
     let exe = std::env::current_exe().unwrap();
     let mut failures: Vec<String> = Vec::new();
-    let (mut opened, mut refused, mut workers) = (0usize, 0usize, 0usize);
+    let (mut opened, mut refused, mut written, mut workers) = (0usize, 0usize, 0usize, 0usize);
     let mut start = 0;
     while start < cases.len() {
         workers += 1;
@@ -741,11 +776,12 @@ fn hostile_images_fail_cleanly() {
                     failed_current = false;
                 }
                 ("@@D", Some(_)) => {
-                    if line.ends_with("Opened") {
+                    if line.contains("Opened") {
                         opened += 1
                     } else {
                         refused += 1
                     }
+                    written += usize::from(line.ends_with("written=true"));
                 }
                 ("@@F", Some(i)) => {
                     failed_current = true;
@@ -784,11 +820,15 @@ fn hostile_images_fail_cleanly() {
         }
         start = i + 1;
     }
+    // SAFETY: getrusage fills the struct it is given.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) };
     eprintln!(
-        "hostile: {} cases ({opened} opened, {refused} refused, {} failed) in {:.1?}, {workers} worker process(es)",
+        "hostile: {} cases ({opened} opened, {refused} refused, {written} also written through a writer, {} failed) in {:.1?}, {workers} worker process(es), largest child peak RSS {} MiB",
         cases.len(),
         failures.len(),
-        t0.elapsed()
+        t0.elapsed(),
+        ru.ru_maxrss / 1024
     );
     assert!(
         failures.is_empty(),
@@ -898,4 +938,94 @@ fn fuzz_regressions() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Writers never overwrite metadata
+
+/// Offsets in a fresh 1 MiB image (4 KiB clusters, 16-bit refcounts, guest cluster 0 written).
+struct Layout {
+    l1: u64,
+    l2: u64,
+    reftable: u64,
+    refblock: u64,
+}
+
+fn small_rw_image(dir: &Path, name: &str) -> (PathBuf, Layout) {
+    create(dir, name, "1M", "cluster_size=4k", None);
+    qemu_io(dir, name, &["write -P 1 0 4k"]);
+    let path = dir.join(name);
+    let b = std::fs::read(&path).unwrap();
+    let (l1, reftable) = (be(&b, 40, 8), be(&b, 48, 8));
+    let mask = 0x00ff_ffff_ffff_fe00;
+    let l = Layout {
+        l1,
+        l2: be(&b, l1 as usize, 8) & mask,
+        reftable,
+        refblock: be(&b, reftable as usize, 8),
+    };
+    (path, l)
+}
+
+fn patch(path: &Path, off: u64, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(bytes, off).unwrap();
+}
+
+fn writer(path: &Path) -> ckptfs::error::Result<Writer> {
+    Writer::open(Arc::new(Chain::open_with(path, true).unwrap()))
+}
+
+#[test]
+fn writer_never_overwrites_metadata() {
+    let tmp = tempdir();
+    let dir = tmp.path();
+    const COPIED: u64 = 1 << 63;
+
+    // Guest cluster 0 claims the L1 table as its data cluster: the write is refused, the L1
+    // table is left as it was.
+    let (p, l) = small_rw_image(dir, "data-on-l1.qcow2");
+    patch(&p, l.l2, &(l.l1 | COPIED).to_be_bytes());
+    let before = std::fs::read(&p).unwrap();
+    let mut w = writer(&p).expect("the metadata itself is consistent");
+    let e = w.write(0, &[9u8; 4096]).unwrap_err().to_string();
+    assert!(e.contains("L1 table"), "{e}");
+    let e = w.write(100, &[9u8; 10]).unwrap_err().to_string();
+    assert!(e.contains("L1 table"), "{e}");
+    w.close().unwrap();
+    drop(w);
+    let after = std::fs::read(&p).unwrap();
+    let l1 = l.l1 as usize;
+    assert_eq!(
+        &after[l1..l1 + 4096],
+        &before[l1..l1 + 4096],
+        "L1 table changed"
+    );
+
+    // A refcount block placed on the L1 table: refused at open (setting a refcount would
+    // overwrite L1 entries).
+    let (p, l) = small_rw_image(dir, "refblock-on-l1.qcow2");
+    patch(&p, l.reftable, &l.l1.to_be_bytes());
+    let e = writer(&p).err().expect("must be refused").to_string();
+    assert!(e.contains("overlaps"), "{e}");
+
+    // The L1 table counted as free: refused at open (the first allocation would hand it out).
+    let (p, l) = small_rw_image(dir, "l1-free.qcow2");
+    patch(&p, l.refblock + 2 * (l.l1 / 4096), &[0, 0]);
+    let e = writer(&p).err().expect("must be refused").to_string();
+    assert!(e.contains("L1 table") && e.contains("refcount 0"), "{e}");
+
+    // An untouched image opens, and a write that allocates (guest cluster 200) works.
+    let (p, _) = small_rw_image(dir, "plain.qcow2");
+    let mut w = writer(&p).unwrap();
+    w.write(200 * 4096, &[5u8; 4096]).unwrap();
+    w.close().unwrap();
+    drop(w);
+    let out = std::process::Command::new("qemu-img")
+        .args(["check", "-q"])
+        .arg(&p)
+        .status()
+        .unwrap();
+    assert!(out.success(), "qemu-img check after a guarded write");
 }

@@ -1,0 +1,135 @@
+//! The host clusters that hold an image's metadata, kept by a writer so that no write of guest
+//! data or bitmap data lands on them: QEMU's pre-write overlap check
+//! (`qcow2_check_metadata_overlap`). A hostile image can point an L2 entry, a bitmap table entry
+//! or a refcount block at its own L1 table; such writes are refused instead of carried out.
+
+use super::bitmaps::TableEntry;
+use super::image::Qcow2Image;
+use super::Table;
+use crate::error::{Error, Result};
+use std::collections::BTreeMap;
+
+/// Non-overlapping cluster ranges holding metadata.
+#[derive(Default)]
+pub struct Guard {
+    /// First cluster -> (end cluster, exclusive; what lives there).
+    map: BTreeMap<u64, (u64, &'static str)>,
+}
+
+impl Guard {
+    /// Clusters `[c0, c1)` hold `what`; refused if they overlap metadata already known.
+    pub fn protect(&mut self, c0: u64, c1: u64, what: &'static str) -> Result<()> {
+        if let Some(other) = self.hit(c0, c1) {
+            return Err(Error::corrupt(format!(
+                "the {what} at cluster {c0} overlaps the {other}"
+            )));
+        }
+        if c1 > c0 {
+            self.map.insert(c0, (c1, what));
+        }
+        Ok(())
+    }
+
+    /// What metadata `[c0, c1)` overlaps, if any.
+    pub fn hit(&self, c0: u64, c1: u64) -> Option<&'static str> {
+        // Ranges are disjoint and sorted, so only the last one starting before c1 can reach c0.
+        self.map
+            .range(..c1)
+            .next_back()
+            .filter(|(_, (end, _))| *end > c0)
+            .map(|(_, (_, what))| *what)
+    }
+
+    /// Cluster `c` is free again: forget the metadata range it belonged to.
+    pub fn release(&mut self, c: u64) {
+        let start = self
+            .map
+            .range(..=c)
+            .next_back()
+            .filter(|(_, (end, _))| *end > c)
+            .map(|(&s, _)| s);
+        if let Some(s) = start {
+            self.map.remove(&s);
+        }
+    }
+}
+
+/// The byte regions of `q`'s active metadata a writer must never overwrite with data: header,
+/// L1 table, refcount table, bitmap directory, every active L2 table, and the tables and data
+/// clusters of its trusted bitmaps. (Refcount blocks are added by `Refcounts` itself; internal
+/// snapshots make a writer refuse the image before this is asked.)
+pub fn metadata(q: &Qcow2Image) -> Result<Vec<(u64, u64, &'static str)>> {
+    let h = &q.header;
+    let cs = q.geo.cluster_size();
+    let mut out = vec![
+        (0, cs, "header"),
+        (h.l1_table_offset, u64::from(h.l1_size) * 8, "L1 table"),
+        (
+            h.refcount_table_offset,
+            u64::from(h.refcount_table_clusters) * cs,
+            "refcount table",
+        ),
+    ];
+    if let Some(b) = h.bitmaps {
+        out.push((
+            b.bitmap_directory_offset,
+            b.bitmap_directory_size,
+            "bitmap directory",
+        ));
+    }
+    for i in 0..u64::from(h.l1_size) {
+        let l2 = q.l2_offset(Table::Active, i)?;
+        if l2 != 0 {
+            out.push((l2, cs, "L2 table"));
+        }
+    }
+    for (i, bm) in q.bitmaps().iter().enumerate() {
+        if bm.removed || bm.distrust.is_some() {
+            continue;
+        }
+        let e = &bm.entry;
+        out.push((
+            e.bitmap_table_offset,
+            u64::from(e.bitmap_table_size) * 8,
+            "bitmap table",
+        ));
+        for t in q.bitmap_table(i)?.iter() {
+            if let TableEntry::Data(off) = *t {
+                out.push((off, cs, "bitmap data"));
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overlaps_found_and_released() {
+        let mut g = Guard::default();
+        g.protect(0, 1, "header").unwrap();
+        g.protect(3, 5, "L1 table").unwrap();
+        g.protect(9, 10, "L2 table").unwrap();
+        assert_eq!(g.hit(1, 3), None);
+        assert_eq!(g.hit(4, 5), Some("L1 table"));
+        assert_eq!(g.hit(2, 4), Some("L1 table"));
+        assert_eq!(g.hit(5, 9), None);
+        assert_eq!(
+            g.hit(0, 100),
+            Some("L2 table"),
+            "the last range reaching in"
+        );
+        let e = g.protect(4, 6, "refcount block").unwrap_err();
+        assert!(e.msg.contains("overlaps the L1 table"), "{}", e.msg);
+        g.release(4);
+        assert_eq!(g.hit(3, 5), None, "the whole L1 range is forgotten");
+        g.release(7);
+        assert_eq!(
+            g.hit(9, 10),
+            Some("L2 table"),
+            "a free cluster releases nothing else"
+        );
+    }
+}
