@@ -168,20 +168,35 @@ impl Writer {
         Ok((e, b, l2))
     }
 
-    /// Host clusters to release when an entry stops pointing at them.
-    fn freed_by(&self, entry: u64) -> Vec<u64> {
+    /// Refuse guest data at `[host, host+len)` (written there, or referenced from guest cluster
+    /// `gc`) where the image keeps metadata: a corrupt or hostile image.
+    fn not_metadata(&self, gc: u64, host: u64, len: u64) -> Result<()> {
+        match self.rc.metadata_at(host, len) {
+            Some(meta) => Err(Error::corrupt(format!(
+                "{}: guest cluster {gc} has its data at {host:#x}, where the image keeps its \
+                 {meta}; refusing to write (qemu-img check -r all)",
+                self.q().path.display()
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Host clusters to release when guest cluster `gc`'s entry stops pointing at them.
+    fn freed_by(&self, gc: u64, entry: u64) -> Result<Vec<u64>> {
         let q = self.q();
         let cb = q.geo.cluster_bits;
         if entry & OFLAG_COMPRESSED != 0 {
             let (host, len) = q.geo.compressed_span(entry);
+            self.not_metadata(gc, host, len)?;
             q.forget_cluster(host);
-            return ((host >> cb)..=((host + len - 1) >> cb)).collect();
+            return Ok(((host >> cb)..=((host + len - 1) >> cb)).collect());
         }
         let off = entry & L2E_OFFSET_MASK;
         if off != 0 {
-            vec![off >> cb]
+            self.not_metadata(gc, off, q.geo.cluster_size())?;
+            Ok(vec![off >> cb])
         } else {
-            Vec::new()
+            Ok(Vec::new())
         }
     }
 
@@ -193,10 +208,24 @@ impl Writer {
         Ok(off)
     }
 
-    /// An unshared, allocated, non-compressed host cluster this entry owns, if any.
-    fn owned_host(&self, entry: u64) -> Option<u64> {
+    /// An unshared, allocated, non-compressed host cluster guest cluster `gc`'s entry owns, if
+    /// any. The COPIED flag is checked against the refcount: an owned cluster counted free would
+    /// be handed out again, and two guest clusters would share it.
+    fn owned_host(&mut self, gc: u64, entry: u64) -> Result<Option<u64>> {
         let off = entry & L2E_OFFSET_MASK;
-        (entry & OFLAG_COMPRESSED == 0 && entry & OFLAG_COPIED != 0 && off != 0).then_some(off)
+        if entry & OFLAG_COMPRESSED != 0 || entry & OFLAG_COPIED == 0 || off == 0 {
+            return Ok(None);
+        }
+        let q = self.chain.top().qcow2().expect("qcow2");
+        let refs = self.rc.get(q.file(), off >> q.geo.cluster_bits)?;
+        if refs != 1 {
+            return Err(Error::corrupt(format!(
+                "{}: guest cluster {gc} owns the cluster at {off:#x}, whose refcount is {refs}; \
+                 refusing to write (qemu-img check -r all)",
+                q.path.display()
+            )));
+        }
+        Ok(Some(off))
     }
 
     /// Write `data` at guest offset `off`.
@@ -220,9 +249,9 @@ impl Writer {
             } else {
                 e & OFLAG_ZERO == 0
             };
-            match self.owned_host(e) {
+            match self.owned_host(gc, e)? {
                 Some(host) if fully_mapped => {
-                    self.rc.check_write(host + in_off, n as u64, "guest data")?;
+                    self.not_metadata(gc, host, cs)?;
                     self.file()
                         .write_all_at(chunk, host + in_off)
                         .map_err(|er| wio("write data", er))?;
@@ -237,12 +266,12 @@ impl Writer {
                     let host = match owned {
                         Some(h) => h,
                         None => {
-                            frees.extend(self.freed_by(e));
+                            frees.extend(self.freed_by(gc, e)?);
                             allocated = true;
                             self.alloc()?
                         }
                     };
-                    self.rc.check_write(host, cs, "guest data")?;
+                    self.not_metadata(gc, host, cs)?;
                     self.file()
                         .write_all_at(&buf, host)
                         .map_err(|er| wio("write data", er))?;
@@ -279,14 +308,14 @@ impl Writer {
         let mut frees = Vec::new();
         for gc in first_full / cs..last_full / cs {
             let (e, b, _) = self.entry(gc)?;
-            let (entry, bitmap) = match self.owned_host(e) {
+            let (entry, bitmap) = match self.owned_host(gc, e)? {
                 // Keep the allocation, as `write -z` does; the data is no longer read.
                 Some(host) => (
                     host | OFLAG_COPIED | if extended { 0 } else { OFLAG_ZERO },
                     if extended { ALL_ZERO } else { 0 },
                 ),
                 None => {
-                    frees.extend(self.freed_by(e));
+                    frees.extend(self.freed_by(gc, e)?);
                     if extended {
                         (0, ALL_ZERO)
                     } else {

@@ -42,6 +42,9 @@ pub enum Order {
     Guessed,
 }
 
+/// Longest directory name made from a checkpoint name (NAME_MAX 255 minus room for "~N").
+const MAX_DIR_NAME: usize = 240;
+
 #[derive(Debug, Clone)]
 pub struct Checkpoint {
     /// The checkpoint's name (also its directory name, see `dir_name`).
@@ -414,15 +417,25 @@ impl Model {
         }
     }
 
+    /// Directory names: the checkpoint's name, made a valid file name ('/' and NUL become '_',
+    /// at most `MAX_DIR_NAME` bytes), unique (`~2`, `~3`... where names collide).
     fn assign_dir_names(&mut self) {
         let mut used: HashSet<String> = ["current", "checkpoints.json", "stats.json"]
             .iter()
             .map(|s| s.to_string())
             .collect();
         for c in &mut self.checkpoints {
-            let mut base: String = c.name.replace('/', "_");
+            let mut base: String = c.name.replace(['/', '\0'], "_");
             if base.is_empty() || base == "." || base == ".." {
                 base = format!("_{base}");
+            }
+            // A file name has at most NAME_MAX (255) bytes; keep room for a "~N" suffix.
+            if base.len() > MAX_DIR_NAME {
+                let mut end = MAX_DIR_NAME;
+                while !base.is_char_boundary(end) {
+                    end -= 1;
+                }
+                base.truncate(end);
             }
             let mut name = base.clone();
             let mut i = 2;

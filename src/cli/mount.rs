@@ -199,9 +199,22 @@ fn serve(p: Prepared, ready: impl FnOnce(std::result::Result<(), String>)) -> Re
     );
     raise_readahead(&p.mountpoint);
     ready(Ok(()));
-    session.run().map_err(|e| Error::io("FUSE session", e))?;
+    session_ended(session.run()).map_err(|e| Error::io("FUSE session", e))?;
     log::info!("unmounted {}", p.mountpoint.display());
     Ok(())
+}
+
+/// How a FUSE session ended. A request the kernel had queued when the filesystem was unmounted
+/// makes that read of /dev/fuse fail with ECONNABORTED instead of ENODEV: still a clean end
+/// (the handlers' `destroy` has run either way).
+fn session_ended(r: std::io::Result<()>) -> std::io::Result<()> {
+    match r {
+        Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => {
+            log::info!("connection closed by the kernel with a request in flight");
+            Ok(())
+        }
+        r => r,
+    }
 }
 
 /// Is this process run by mount(8) through its FUSE helper?
@@ -309,7 +322,7 @@ impl Mounted {
     /// Unmount now, reporting failure.
     pub fn unmount(mut self) -> Result<()> {
         match self.session.take() {
-            Some(s) => s.umount_and_join().map_err(|e| Error::io("unmount", e)),
+            Some(s) => session_ended(s.umount_and_join()).map_err(|e| Error::io("unmount", e)),
             None => Ok(()),
         }
     }

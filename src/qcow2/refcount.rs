@@ -66,16 +66,10 @@ impl Refcounts {
         Ok(())
     }
 
-    /// Refuse to write `what` over metadata (a hostile or corrupt image pointing data there).
-    pub fn check_write(&self, off: u64, len: u64, what: &str) -> Result<()> {
+    /// The metadata `[off, off+len)` overlaps, if any.
+    pub fn metadata_at(&self, off: u64, len: u64) -> Option<&'static str> {
         let (c0, c1) = self.clusters(off, len);
-        match self.guard.hit(c0, c1) {
-            Some(meta) => Err(Error::corrupt(format!(
-                "refusing to write {what} at {off:#x}: the image keeps its {meta} there \
-                 (qemu-img check -r all)"
-            ))),
-            None => Ok(()),
-        }
+        self.guard.hit(c0, c1)
     }
 
     /// Protect every refcount block the table names.

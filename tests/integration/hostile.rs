@@ -1003,6 +1003,40 @@ fn writer_never_overwrites_metadata() {
         "L1 table changed"
     );
 
+    // Guest cluster 0 names the refcount block as data it does not own (no COPIED flag): a
+    // write would copy-on-write and free it, and the next allocation would reuse it for data.
+    // (Found by the `refcount` fuzz target.)
+    let (p, l) = small_rw_image(dir, "data-on-refblock.qcow2");
+    patch(&p, l.l2, &l.refblock.to_be_bytes());
+    let before = std::fs::read(&p).unwrap();
+    let mut w = writer(&p).unwrap();
+    let e = w.write(0, &[9u8; 4096]).unwrap_err().to_string();
+    assert!(e.contains("refcount block"), "{e}");
+    w.write(300 * 1024, &[9u8; 9000]).unwrap();
+    w.close().unwrap();
+    drop(w);
+    let after = std::fs::read(&p).unwrap();
+    let rb = l.refblock as usize;
+    let count = |b: &[u8], c: usize| be(b, rb + 2 * c, 2);
+    assert_eq!(count(&after, rb / 4096), 1, "refcount block still counted");
+    assert_eq!(
+        count(&after, 0),
+        count(&before, 0),
+        "header still counted once"
+    );
+
+    // Guest cluster 0 owns (COPIED) a data cluster counted free: writing in place while the
+    // allocator hands the same cluster to another guest cluster would make them share it.
+    // (Found by the `refcount` fuzz target.)
+    let (p, l) = small_rw_image(dir, "owned-but-free.qcow2");
+    let data0 = be(&std::fs::read(&p).unwrap(), l.l2 as usize, 8) & 0x00ff_ffff_ffff_fe00;
+    patch(&p, l.refblock + 2 * (data0 / 4096), &[0, 0]);
+    let mut w = writer(&p).unwrap();
+    let e = w.write(0, &[9u8; 100]).unwrap_err().to_string();
+    assert!(e.contains("refcount is 0"), "{e}");
+    w.close().unwrap();
+    drop(w);
+
     // A refcount block placed on the L1 table: refused at open (setting a refcount would
     // overwrite L1 entries).
     let (p, l) = small_rw_image(dir, "refblock-on-l1.qcow2");

@@ -1620,3 +1620,60 @@ fn truncated_top_gives_eio() {
         ),
     );
 }
+
+/// Checkpoint names that are not file names (NUL bytes, '/', longer than NAME_MAX) become
+/// directory names every tool can walk and look up. (A snapshot named "\0\0" once listed as a
+/// directory with an empty name: `find` looped over the root. Found by the `mount` fuzz target.)
+#[test]
+fn hostile_checkpoint_names_are_file_names() {
+    let tmp = tempdir();
+    let dir = tmp.path();
+    create(dir, "n.qcow2", "1M", "cluster_size=4k", None);
+    let long = "L".repeat(300);
+    for name in ["NUL1", "a/b", long.as_str(), "NUL2"] {
+        qemu_img(dir, &["snapshot", "-c", name, "n.qcow2"]);
+    }
+    // Names with NUL bytes: QEMU's tools cannot make them, so patch "NUL1" into "\0\0L1" and
+    // "NUL2" into "\0\0L2" in the snapshot table.
+    let image = dir.join("n.qcow2");
+    let mut b = std::fs::read(&image).unwrap();
+    for pat in [&b"NUL1"[..], &b"NUL2"[..]] {
+        let at = b.windows(4).position(|w| w == pat).unwrap();
+        b[at..at + 2].copy_from_slice(&[0, 0]);
+    }
+    std::fs::write(&image, &b).unwrap();
+    let mnt_dir = dir.join("mnt");
+    std::fs::create_dir(&mnt_dir).unwrap();
+    let mnt = Mount::new(&image, &mnt_dir, None);
+    let mut names = list_dir(&mnt_dir);
+    names.sort();
+    let mut want = vec![
+        "__L1".to_string(),
+        "__L2".to_string(),
+        "a_b".to_string(),
+        "L".repeat(240),
+        "checkpoints.json".into(),
+        "current".into(),
+        "stats.json".into(),
+    ];
+    want.sort();
+    assert_eq!(names, want);
+    for n in &names {
+        // Every listed name can be looked up.
+        metadata(&mnt.path(n));
+    }
+    // Every directory reads its disk: the snapshots are all of the empty disk.
+    for n in ["__L1", "a_b"] {
+        let data = read(&mnt.path(&format!("{n}/disk.img")));
+        assert!(data.len() == 1 << 20 && data.iter().all(|&x| x == 0), "{n}");
+    }
+    let json = read_json(&mnt.path("checkpoints.json"));
+    let dirs: Vec<&str> = json["checkpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["directory"].as_str().unwrap())
+        .collect();
+    assert!(dirs.contains(&"__L1") && dirs.contains(&"__L2"), "{dirs:?}");
+    mnt.unmount();
+}

@@ -191,3 +191,121 @@ pub fn run_tree(data: &[u8]) {
         }
     }
 }
+
+/// The writer on a mutated image (refcount table and blocks, L2 updates, bitmap storage at
+/// close): open for writing, allocating writes, zeroing, close; then reopen read-only. A write
+/// that returned Ok and was not overwritten later must read back (no byte lost).
+pub fn run_refcount(data: &[u8]) {
+    use ckptfs::chain::write::Writer;
+    let path = scratch_path();
+    std::fs::write(&path, data).expect("write scratch image");
+    let Ok(chain) = Chain::open_with(&path, true) else {
+        return;
+    };
+    let chain = Arc::new(chain);
+    let size = chain.top().qcow2().map_or(0, |q| q.size());
+    let Ok(mut w) = Writer::open(chain) else {
+        return;
+    };
+    let seed = hash(data);
+    let pick = |k: u64, len: u64| {
+        let r = seed
+            .rotate_left(k as u32 * 13)
+            .wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        r % size.saturating_sub(len).max(1)
+    };
+    let zeros_at = pick(1, 1 << 16);
+    let _ = w.write(pick(2, 3000), &[0x5a; 3000]);
+    let _ = w.zero(zeros_at, (1 << 16).min(size));
+    // The last write: distinctive bytes, checked after reopening.
+    let last_len = 9000u64.min(size) as usize;
+    let last_at = pick(3, last_len as u64);
+    let pattern: Vec<u8> = (0..last_len).map(|i| (i % 251) as u8 ^ 0xa5).collect();
+    let last_ok = w.write(last_at, &pattern).is_ok();
+    let closed = w.close().is_ok();
+    drop(w);
+    let Ok(chain) = Chain::open(&path) else {
+        return;
+    };
+    let mut back = vec![0u8; last_len];
+    let disk = Disk::new(Arc::new(chain), 0, Table::Active);
+    if last_ok && closed && disk.read(last_at, &mut back).is_ok() {
+        assert!(
+            back == pattern,
+            "bytes written at {last_at} read back different"
+        );
+    }
+}
+
+/// Mount `data` for real (in-process, kernel FUSE) and use the tree as a user does: walk it,
+/// stat everything, read a few ranges of every file, SEEK_DATA/SEEK_HOLE; every second input
+/// read-write with a write through current/disk.img. A hang is a libFuzzer timeout.
+pub fn run_mount(data: &[u8]) {
+    use ckptfs::cli::mount;
+    use ckptfs::cli::options::MountOptions;
+    use std::io::{Read, Seek, SeekFrom, Write};
+    use std::os::fd::AsRawFd;
+    let path = scratch_path();
+    std::fs::write(&path, data).expect("write scratch image");
+    let mnt = path.with_file_name("mnt");
+    std::fs::create_dir_all(&mnt).expect("create mountpoint");
+    let seed = hash(data);
+    let rw = seed & 1 == 1;
+    let o = MountOptions {
+        rw,
+        writable: rw,
+        cache_mb: 8,
+        ..Default::default()
+    };
+    let Ok(m) = mount::spawn(&path, &mnt, &o) else {
+        return;
+    };
+    let mut budget = MAX_READS;
+    let mut buf = vec![0u8; READ_LEN];
+    let mut dirs = vec![mnt.clone()];
+    while let Some(dir) = dirs.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            // Every listed name is a file name that can be looked up.
+            let name = e.file_name();
+            assert!(
+                !name.is_empty() && name.len() <= 255 && name != "." && name != "..",
+                "bad directory entry {name:?}"
+            );
+            let p = e.path();
+            let md = std::fs::symlink_metadata(&p).expect("stat a listed entry");
+            if md.is_dir() {
+                dirs.push(p);
+                continue;
+            }
+            let Ok(mut f) = std::fs::File::open(&p) else {
+                continue;
+            };
+            for off in [0, md.len() / 2, md.len().saturating_sub(100)] {
+                if budget == 0 {
+                    break;
+                }
+                budget -= 1;
+                if f.seek(SeekFrom::Start(off)).is_ok() {
+                    let _ = f.read(&mut buf);
+                }
+            }
+            for whence in [libc::SEEK_DATA, libc::SEEK_HOLE] {
+                // SAFETY: lseek on an open descriptor.
+                unsafe { libc::lseek(f.as_raw_fd(), 0, whence) };
+            }
+        }
+    }
+    if rw {
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .write(true)
+            .open(mnt.join("current/disk.img"))
+        {
+            let _ = f.write_all(&[0x77; 5000]);
+            let _ = f.sync_all();
+        }
+    }
+    m.unmount().expect("unmount");
+}
