@@ -8,6 +8,7 @@ use crate::chain::lock::{self, LockMode};
 use crate::chain::write::Writer;
 use crate::error::{Error, ErrorKind, Result};
 use crate::fs::handlers::FuseFs;
+use crate::fs::ops::Invalidator;
 use crate::fs::{FsCore, MountInfo};
 use fuser::{Config, MountOption, SessionACL};
 use std::io::{Read, Write};
@@ -181,6 +182,7 @@ fn serve(p: Prepared, ready: impl FnOnce(std::result::Result<(), String>)) -> Re
             return Err(err);
         }
     };
+    p.core.set_invalidator(invalidator(session.notifier()));
     let mut unmounter = session.unmount_callable();
     std::thread::spawn(move || {
         let mut sig = 0;
@@ -202,6 +204,17 @@ fn serve(p: Prepared, ready: impl FnOnce(std::result::Result<(), String>)) -> Re
     session_ended(session.run()).map_err(|e| Error::io("FUSE session", e))?;
     log::info!("unmounted {}", p.mountpoint.display());
     Ok(())
+}
+
+/// Drops the kernel's cached pages and attributes of inodes, through FUSE notifications.
+fn invalidator(n: fuser::Notifier) -> Invalidator {
+    Arc::new(move |inos: &[u64]| {
+        for &ino in inos {
+            if let Err(e) = n.inval_inode(fuser::INodeNo(ino), 0, 0) {
+                log::debug!("invalidate inode {ino}: {e}");
+            }
+        }
+    })
 }
 
 /// How a FUSE session ended. A request the kernel had queued when the filesystem was unmounted
@@ -344,6 +357,7 @@ pub fn spawn(image: &Path, mountpoint: &Path, o: &MountOptions) -> Result<Mounte
     };
     let session = fuser::spawn_mount(fs, &p.mountpoint, &p.config)
         .map_err(|e| Error::io(format!("{}: mount failed", p.mountpoint.display()), e))?;
+    p.core.set_invalidator(invalidator(session.notifier()));
     raise_readahead(&p.mountpoint);
     Ok(Mounted {
         session: Some(session),

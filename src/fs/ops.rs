@@ -89,6 +89,19 @@ pub struct FsCore {
     /// Set once a layer was found changed underneath the mount: data reads then fail.
     stale: OnceLock<String>,
     last_check_ms: AtomicU64,
+    /// Drops the kernel's cached pages of the given inodes (set by the mount once its session
+    /// exists), so that pages cached before a change was noticed are not served after it.
+    invalidator: OnceLock<Invalidator>,
+}
+
+pub type Invalidator = Arc<dyn Fn(&[u64]) + Send + Sync>;
+
+/// Is this a file whose bytes come from the image layers (not generated text)?
+fn is_data(node: Node) -> bool {
+    matches!(
+        node,
+        Node::CurrentDisk | Node::CkptDisk(_) | Node::CkptChanged(_) | Node::CkptBitmap(_)
+    )
 }
 
 /// Does the chain name its bitmaps `child^parent`?
@@ -124,7 +137,13 @@ impl FsCore {
             generated: (0..n).map(|_| OnceLock::new()).collect(),
             stale: OnceLock::new(),
             last_check_ms: AtomicU64::new(0),
+            invalidator: OnceLock::new(),
         }
+    }
+
+    /// How to drop the kernel's page cache of inodes (see `invalidator`).
+    pub fn set_invalidator(&self, f: Invalidator) {
+        let _ = self.invalidator.set(f);
     }
 
     /// Refuse to serve data mixed from before and after another program changed a layer
@@ -153,10 +172,28 @@ impl FsCore {
             .changed_underneath(self.info.watch_from)
         {
             log::error!("{m}");
-            let _ = self.stale.set(m.clone());
+            if self.stale.set(m.clone()).is_ok() {
+                self.drop_cached_pages(st);
+            }
             return Err(eio(&m));
         }
         Ok(())
+    }
+
+    /// Once stale: make the kernel forget every cached page of the data files, so every later
+    /// read reaches this filesystem (and fails). From a separate thread: invalidating pages
+    /// waits for their locks, which the read being served may hold.
+    fn drop_cached_pages(&self, st: &State) {
+        let Some(f) = self.invalidator.get().cloned() else {
+            return;
+        };
+        let inos: Vec<u64> = st
+            .tree
+            .inodes()
+            .into_iter()
+            .filter(|&i| st.tree.node(i).is_some_and(is_data))
+            .collect();
+        std::thread::spawn(move || f(&inos));
     }
 
     /// The current model and tree (a snapshot: a concurrent mkdir/rmdir swaps in a new one).
@@ -397,6 +434,9 @@ impl FsCore {
                 }
                 (None, _) => return Err(Error::new(ErrorKind::ReadOnly, "read-only file system")),
             }
+        }
+        if is_data(node) {
+            self.check_fresh(st)?;
         }
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         match node {

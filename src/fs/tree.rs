@@ -156,6 +156,11 @@ impl Tree {
         ino
     }
 
+    /// Every inode of the tree.
+    pub fn inodes(&self) -> Vec<u64> {
+        self.entries.keys().copied().collect()
+    }
+
     pub fn node(&self, ino: u64) -> Option<Node> {
         self.entries.get(&ino).map(|e| e.node)
     }

@@ -1047,6 +1047,24 @@ fn changed_underneath_busy_reader() {
         libc::EIO,
         "(a) base.qcow2/disk.img (the changed layer)",
     );
+    // Pages the kernel cached before the change (read at the start, kept across opens) are
+    // dropped once the change is noticed: reading them again through the same descriptor
+    // fails too, instead of serving what the page cache still holds.
+    for off in [5 * M, 9 * M + 4096, 15 * M] {
+        let t = Instant::now();
+        let r = loop {
+            let r = pread_timed(&f, off, 4096, "(a) cached page");
+            if r.is_err() || t.elapsed() > Duration::from_secs(1) {
+                break r;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert_errno(
+            r,
+            libc::EIO,
+            &format!("(a) page at {off}, cached before the change"),
+        );
+    }
     assert_json_files_read(&mnt, "base.qcow2", "(a)");
     drop(f);
     mnt.unmount();
