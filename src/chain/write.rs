@@ -12,10 +12,10 @@ use super::open::Chain;
 use super::read::Disk;
 use crate::error::{Error, ErrorKind, Result};
 use crate::qcow2::bitmaps::{decode_table_entry, TableEntry, FLAG_IN_USE};
-use crate::qcow2::guard;
 use crate::qcow2::header::{AUTOCLEAR_BITMAPS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
 use crate::qcow2::l2::{L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO};
 use crate::qcow2::refcount::Refcounts;
+use crate::qcow2::{guard, refcheck};
 use crate::qcow2::{BitmapCluster, Qcow2Image, Table};
 use std::collections::BTreeMap;
 use std::os::unix::fs::FileExt;
@@ -70,11 +70,14 @@ impl Writer {
             return refuse("it has internal snapshots (shared clusters are not written by ckptfs)");
         }
         let mut rc = Refcounts::load(q)?;
-        let protected = rc.protect_blocks(q.file()).and_then(|()| {
-            guard::metadata(q)?
-                .into_iter()
-                .try_for_each(|(off, len, what)| rc.protect(q.file(), off, len, what))
-        });
+        let protected = rc
+            .protect_blocks(q.file())
+            .and_then(|()| {
+                guard::metadata(q)?
+                    .into_iter()
+                    .try_for_each(|(off, len, what)| rc.protect(q.file(), off, len, what))
+            })
+            .and_then(|()| refcheck::check_references(q, &mut rc));
         if let Err(e) = protected {
             return refuse(&e.msg);
         }

@@ -42,9 +42,6 @@ pub enum Order {
     Guessed,
 }
 
-/// Longest directory name made from a checkpoint name (NAME_MAX 255 minus room for "~N").
-const MAX_DIR_NAME: usize = 240;
-
 #[derive(Debug, Clone)]
 pub struct Checkpoint {
     /// The checkpoint's name (also its directory name, see `dir_name`).
@@ -417,8 +414,9 @@ impl Model {
         }
     }
 
-    /// Directory names: the checkpoint's name, made a valid file name ('/' and NUL become '_',
-    /// at most `MAX_DIR_NAME` bytes), unique (`~2`, `~3`... where names collide).
+    /// Directory names: the checkpoint's name, made a valid file name ('/' and NUL become '_';
+    /// FUSE takes names longer than 255 bytes, as QEMU's 1023-byte bitmap names), unique
+    /// (`~2`, `~3`... where names collide).
     fn assign_dir_names(&mut self) {
         let mut used: HashSet<String> = ["current", "checkpoints.json", "stats.json"]
             .iter()
@@ -428,14 +426,6 @@ impl Model {
             let mut base: String = c.name.replace(['/', '\0'], "_");
             if base.is_empty() || base == "." || base == ".." {
                 base = format!("_{base}");
-            }
-            // A file name has at most NAME_MAX (255) bytes; keep room for a "~N" suffix.
-            if base.len() > MAX_DIR_NAME {
-                let mut end = MAX_DIR_NAME;
-                while !base.is_char_boundary(end) {
-                    end -= 1;
-                }
-                base.truncate(end);
             }
             let mut name = base.clone();
             let mut i = 2;

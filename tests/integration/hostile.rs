@@ -1025,15 +1025,33 @@ fn writer_never_overwrites_metadata() {
         "header still counted once"
     );
 
-    // Guest cluster 0 owns (COPIED) a data cluster counted free: writing in place while the
-    // allocator hands the same cluster to another guest cluster would make them share it.
+    // References the refcounts do not account for are refused at open: a data cluster
+    // counted free (the allocator would hand it out again), one referenced twice but counted
+    // once (freeing one reference takes it from the other), one past the end of the file.
     // (Found by the `refcount` fuzz target.)
+    let mask = 0x00ff_ffff_ffff_fe00;
     let (p, l) = small_rw_image(dir, "owned-but-free.qcow2");
-    let data0 = be(&std::fs::read(&p).unwrap(), l.l2 as usize, 8) & 0x00ff_ffff_ffff_fe00;
+    let data0 = be(&std::fs::read(&p).unwrap(), l.l2 as usize, 8) & mask;
     patch(&p, l.refblock + 2 * (data0 / 4096), &[0, 0]);
+    let e = writer(&p).err().expect("must be refused").to_string();
+    assert!(e.contains("refcount is 0"), "{e}");
+    let (p, l) = small_rw_image(dir, "referenced-twice.qcow2");
+    let data0 = be(&std::fs::read(&p).unwrap(), l.l2 as usize, 8) & mask;
+    patch(&p, l.l2 + 8, &data0.to_be_bytes());
+    let e = writer(&p).err().expect("must be refused").to_string();
+    assert!(e.contains("more than once"), "{e}");
+    let (p, l) = small_rw_image(dir, "past-eof.qcow2");
+    patch(&p, l.l2 + 8, &(1u64 << 40).to_be_bytes());
+    let e = writer(&p).err().expect("must be refused").to_string();
+    assert!(e.contains("past the end of the file"), "{e}");
+
+    // A cluster owned (COPIED) by guest cluster 0 but counted twice: not written in place.
+    let (p, l) = small_rw_image(dir, "owned-but-shared.qcow2");
+    let data0 = be(&std::fs::read(&p).unwrap(), l.l2 as usize, 8) & mask;
+    patch(&p, l.refblock + 2 * (data0 / 4096), &[0, 2]);
     let mut w = writer(&p).unwrap();
     let e = w.write(0, &[9u8; 100]).unwrap_err().to_string();
-    assert!(e.contains("refcount is 0"), "{e}");
+    assert!(e.contains("refcount is 2"), "{e}");
     w.close().unwrap();
     drop(w);
 
