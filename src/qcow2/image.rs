@@ -115,6 +115,22 @@ pub fn read_up_to(file: &File, off: u64, buf: &mut [u8]) -> std::io::Result<usiz
     Ok(done)
 }
 
+/// The header cluster, sized by cluster_bits at byte 20, so that an unreadable sector past it
+/// does not fail the open. (An out-of-range cluster_bits gets the first 4 KiB, for
+/// `Header::parse` to refuse.)
+fn read_cluster0(file: &File, file_len: u64) -> std::io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; file_len.min(4096) as usize];
+    read_exact_or_zero(file, 0, &mut buf)?;
+    if let Some(b) = buf.get(20..24) {
+        let cb = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+        if (13..=21).contains(&cb) {
+            buf = vec![0u8; file_len.min(1 << cb) as usize];
+            read_exact_or_zero(file, 0, &mut buf)?;
+        }
+    }
+    Ok(buf)
+}
+
 /// Read `buf.len()` bytes at `off`, zero-filling what lies past the end of the file
 /// (QEMU's file driver does the same).
 pub fn read_exact_or_zero(file: &File, off: u64, buf: &mut [u8]) -> std::io::Result<()> {
@@ -143,8 +159,7 @@ impl Qcow2Image {
 
     fn open_inner(path: &Path, file: File) -> Result<Qcow2Image> {
         let file_len = file.metadata().map_err(|e| Error::io("stat", e))?.len();
-        let mut first = vec![0u8; file_len.min(2 << 20) as usize];
-        read_exact_or_zero(&file, 0, &mut first).map_err(|e| Error::io("read header", e))?;
+        let first = read_cluster0(&file, file_len).map_err(|e| Error::io("read header", e))?;
         let header = Header::parse(&first, file_len)?;
         let geo = Geometry {
             cluster_bits: header.cluster_bits,

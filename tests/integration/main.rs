@@ -2,6 +2,7 @@
 mod checkpoints_rw;
 mod common;
 mod contrib;
+mod faults;
 mod hostile;
 mod mount;
 mod mountutil;

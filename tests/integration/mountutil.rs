@@ -155,21 +155,21 @@ pub fn seek_map(path: &Path) -> Vec<(u64, u64)> {
     })
 }
 
+/// `r` failed with `errno`.
+pub fn assert_errno(r: std::io::Result<Vec<u8>>, errno: i32, what: &str) {
+    match r {
+        Ok(v) => panic!(
+            "{what}: expected errno {errno}, read {} bytes instead (first {:02x?})",
+            v.len(),
+            &v[..v.len().min(16)]
+        ),
+        Err(e) => assert_eq!(e.raw_os_error(), Some(errno), "{what}: got {e}"),
+    }
+}
+
 /// Assert reading `path` fails with EIO (at open or at read).
 pub fn assert_eio(path: &Path) {
-    match try_read(path) {
-        Ok(d) => panic!(
-            "{}: expected EIO, read {} bytes instead",
-            path.display(),
-            d.len()
-        ),
-        Err(e) => assert_eq!(
-            e.raw_os_error(),
-            Some(libc::EIO),
-            "{}: expected EIO, got {e}",
-            path.display()
-        ),
-    }
+    assert_errno(try_read(path), libc::EIO, &path.display().to_string());
 }
 
 // ---------------------------------------------------------------------------------------

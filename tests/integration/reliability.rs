@@ -760,15 +760,11 @@ fn kill9_rounds_keep_fsynced_data() {
     let mnt_dir = mount_dir(d, "mnt");
     let mut rng = Prng(0x6b69_6c6c_0009);
     let start = Instant::now();
-    const MAX_ROUNDS: usize = 40;
-    const MIN_ROUNDS: usize = 30;
+    const ROUNDS: usize = 50;
     let (mut rounds, mut bytes_written, mut bytes_fsynced, mut bytes_landed) =
         (0, 0u64, 0u64, 0u64);
     let (mut leaks_rounds, mut ops_total, mut killed_mid) = (0, 0u64, 0);
-    for round in 0..MAX_ROUNDS {
-        if round >= MIN_ROUNDS && start.elapsed() > Duration::from_secs(45) {
-            break;
-        }
+    for round in 0..ROUNDS {
         let what = format!("kill -9 round {round}");
         let nops = rng.range(3, 20) as usize;
         let ops: Vec<CrashOp> = (0..nops)
@@ -868,7 +864,7 @@ fn kill9_rounds_keep_fsynced_data() {
          {leaks_rounds} rounds with leaks (check exit 3)",
         start.elapsed()
     );
-    assert!(rounds >= MIN_ROUNDS, "only {rounds} rounds");
+    assert_eq!(rounds, ROUNDS);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -897,17 +893,6 @@ fn page_reader(
         std::thread::sleep(Duration::from_millis(2));
     }
     (n, None)
-}
-
-fn assert_errno(r: std::io::Result<Vec<u8>>, errno: i32, what: &str) {
-    match r {
-        Ok(v) => panic!(
-            "{what}: expected errno {errno}, read {} bytes instead (first {:02x?})",
-            v.len(),
-            &v[..v.len().min(16)]
-        ),
-        Err(e) => assert_eq!(e.raw_os_error(), Some(errno), "{what}: got {e}"),
-    }
 }
 
 fn assert_json_files_read(mnt: &Mount, ckpt_dir: &str, what: &str) {
