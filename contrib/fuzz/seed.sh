@@ -41,7 +41,7 @@ io -c 'write -P 0x55 0 4k' v2.qcow2
 q create -f qcow2 -o cluster_size=512 tiny.qcow2 64k
 io -c 'write -P 6 1k 1k' tiny.qcow2
 
-mkdir -p "$corpus"/image "$corpus"/header "$corpus"/bitmap_directory \
+mkdir -p "$corpus"/image "$corpus"/tree "$corpus"/refcount "$corpus"/mount "$corpus"/header "$corpus"/bitmap_directory \
     "$corpus"/bitmap_table_entry "$corpus"/snapshot_table "$corpus"/l2_entry \
     "$corpus"/compressed "$corpus"/libvirt_xml
 
@@ -57,7 +57,7 @@ u8() { printf "\\$(printf '%03o' "$1")"; }
 u32() { for s in 24 16 8 0; do u8 $(( ($1 >> s) & 255 )); done; }
 
 for f in *.qcow2; do
-    cp "$f" "$corpus/image/$f"
+    for t in image tree refcount mount; do cp "$f" "$corpus/$t/$f"; done
     cut "$f" 0 4096 > "$corpus/header/$f"
     cb=$(be "$f" 20 4)
     # L1 -> first L2 table -> a few entries (as l2_entry inputs: bits, flags, entry, [bitmap], off)
