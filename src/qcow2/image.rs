@@ -257,8 +257,15 @@ impl Qcow2Image {
     }
 
     fn read_meta(&self, off: u64, len: u64, what: &str) -> Result<Vec<u8>> {
-        // Metadata never extends past the file by more than the partly written last cluster;
-        // checking here bounds every allocation by the file's size, whatever the image claims.
+        let mut buf = vec![0u8; self.meta_len(off, len, what)?];
+        read_exact_or_zero(&self.file, off, &mut buf)
+            .map_err(|e| Error::io(format!("read {what}"), e))?;
+        Ok(buf)
+    }
+
+    /// Metadata never extends past the file by more than the partly written last cluster;
+    /// checking here bounds every allocation by the file's size, whatever the image claims.
+    fn meta_len(&self, off: u64, len: u64, what: &str) -> Result<usize> {
         if len
             > self
                 .file_len()
@@ -270,11 +277,29 @@ impl Qcow2Image {
                 self.file_len()
             )));
         }
-        let len = usize::try_from(len).map_err(|_| Error::corrupt(format!("{what} too large")))?;
-        let mut buf = vec![0u8; len];
-        read_exact_or_zero(&self.file, off, &mut buf)
-            .map_err(|e| Error::io(format!("read {what}"), e))?;
-        Ok(buf)
+        usize::try_from(len).map_err(|_| Error::corrupt(format!("{what} too large")))
+    }
+
+    /// A table of `entries` big-endian u64 at `off`, read 1 MiB at a time (a 32 MiB L1 table
+    /// is held once, not twice).
+    fn read_meta_u64(&self, off: u64, entries: u64, what: &str) -> Result<Vec<u64>> {
+        const PIECE: usize = 1 << 20;
+        let len = self.meta_len(off, entries * 8, what)?;
+        let mut out = Vec::with_capacity(len / 8);
+        let mut piece = vec![0u8; len.min(PIECE)];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(PIECE);
+            read_exact_or_zero(&self.file, off + done as u64, &mut piece[..n])
+                .map_err(|e| Error::io(format!("read {what}"), e))?;
+            out.extend(
+                piece[..n]
+                    .chunks_exact(8)
+                    .map(|c| u64::from_be_bytes(c.try_into().expect("8 bytes"))),
+            );
+            done += n;
+        }
+        Ok(out)
     }
 
     fn load_l1(&self, offset: u64, entries: u32, what: &str) -> Result<Vec<u64>> {
@@ -283,7 +308,7 @@ impl Qcow2Image {
         }
         let cs = self.geo.cluster_size();
         check_region(what, offset, u64::from(entries) * 8, cs, self.file_len())?;
-        let l1 = u64_table(&self.read_meta(offset, u64::from(entries) * 8, what)?);
+        let l1 = self.read_meta_u64(offset, u64::from(entries), what)?;
         for (i, &e) in l1.iter().enumerate() {
             let l2 = l1_entry_offset(e, cs).map_err(|e| e.context(format!("{what} entry {i}")))?;
             if l2 != 0 {

@@ -1681,3 +1681,70 @@ fn hostile_checkpoint_names_are_file_names() {
     assert!(dirs.contains(&"__L1") && dirs.contains(&"__L2"), "{dirs:?}");
     mnt.unmount();
 }
+
+/// Peak resident memory (VmHWM) of process `pid`, in bytes.
+fn peak_rss(pid: i32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = s.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    let kb: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kb * 1024
+}
+
+/// Memory stays within cache_mb plus a fixed overhead (and the L1 table, which QEMU caps at
+/// 32 MiB and which is held whole) whatever the image claims: a 1 PiB disk with 2 MiB
+/// clusters and a bitmap, and a 128 GiB disk with 512-byte clusters (a 32 MiB L1 table).
+/// Every file is used: SEEK_DATA/SEEK_HOLE over the whole changed.img, all of bitmap.bin and
+/// extents, 2,000 random reads of disk.img.
+#[test]
+fn memory_bounded_whatever_the_image_claims() {
+    let t = tempdir();
+    let d = t.path();
+    const CACHE_MB: u64 = 16;
+    const FIXED: u64 = 48 * M;
+    create(d, "huge.qcow2", "1P", "cluster_size=2M", None);
+    qemu_img(d, &["bitmap", "--add", "-g", "2M", "huge.qcow2", "c1"]);
+    qemu_io(d, "huge.qcow2", &["write -P 7 0 1M", "write -P 8 900T 1M"]);
+    create(d, "maxl1.qcow2", "128G", "cluster_size=512", None);
+    qemu_img(d, &["bitmap", "--add", "maxl1.qcow2", "c1"]);
+    qemu_io(d, "maxl1.qcow2", &["write -P 7 0 1M", "write -P 8 100G 1M"]);
+    let mut figures = Vec::new();
+    for (name, l1_bytes) in [("huge.qcow2", 2048 * 8), ("maxl1.qcow2", 32 * M)] {
+        let mnt_dir = mount_dir(d, &format!("mnt-{name}"));
+        let opts = format!("cache_mb={CACHE_MB}");
+        let mnt = Mount::foreground(&d.join(name), &mnt_dir, Some(&opts), &d.join("log"));
+        let pid = mnt.child_pid().unwrap();
+        let changed = mnt.path("c1/changed.img");
+        let runs = seek_map(&changed);
+        assert_eq!(runs.len(), 2, "{name}: changed runs {runs:?}");
+        let bits = read(&mnt.path("c1/bitmap.bin"));
+        assert!(bits.iter().any(|&b| b != 0), "{name}: bitmap.bin");
+        let extents = read_text(&mnt.path("c1/extents"));
+        assert_eq!(extents.lines().count(), 2, "{name}: {extents}");
+        let disk = mnt.path("current/disk.img");
+        let size = metadata(&disk).len();
+        timed("random reads", move || {
+            let f = File::open(&disk).unwrap();
+            let mut rng = Prng(5);
+            for _ in 0..2000 {
+                let off = rng.range(0, size - 4096);
+                f.read_exact_at(&mut [0u8; 4096], off).unwrap();
+            }
+        });
+        let peak = peak_rss(pid);
+        let bound = CACHE_MB * M + l1_bytes + FIXED;
+        figures.push(format!(
+            "{name}: peak RSS {} MiB (bound {} MiB)",
+            peak / M,
+            bound / M
+        ));
+        assert!(
+            peak <= bound,
+            "{name}: peak RSS {} MiB above cache_mb {CACHE_MB} + L1 {} MiB + {} MiB",
+            peak / M,
+            l1_bytes / M,
+            FIXED / M
+        );
+        mnt.unmount();
+    }
+    println!("memory: {}", figures.join("; "));
+}
