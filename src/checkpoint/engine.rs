@@ -3,11 +3,11 @@
 //! come from the cache; nothing scans the whole disk unless the question needs it.
 
 use super::cache::ChunkCache;
-use super::model::{Model, Source};
+use super::model::Model;
 use super::since::{self, Bits, CHUNK_BLOCKS};
 use crate::chain::Disk;
 use crate::error::{Error, ErrorKind, Result};
-use crate::qcow2::{BitmapCluster, Qcow2Image, Table};
+use crate::qcow2::{Qcow2Image, Table};
 use parking_lot::RwLock;
 use std::sync::{Arc, OnceLock};
 
@@ -81,53 +81,9 @@ impl Engine {
         self.cache.get(ci, k, || self.compute_chunk(ci, total, k))
     }
 
-    /// Chunk `k` of checkpoint `ci`'s since-set. Bitmap sources at the checkpoint's own
-    /// granularity (the usual case) are ORed in a word at a time from their stored clusters;
-    /// any other source goes through `since::compute_chunk`.
+    /// Chunk `k` of checkpoint `ci`'s since-set.
     fn compute_chunk(&self, ci: usize, total: u64, k: u64) -> Result<Bits> {
-        let c = &self.model.checkpoints[ci];
-        let chain = &self.model.chain;
-        let g = c.granularity;
-        let mut direct: Vec<(&Qcow2Image, usize)> = Vec::new();
-        let mut rest: Vec<Source> = Vec::new();
-        for s in &c.sources {
-            match *s {
-                Source::Bitmap { layer, bitmap } => match chain.layers[layer].qcow2() {
-                    Some(q) if q.bitmap(bitmap).is_some_and(|b| b.entry.granularity() == g) => {
-                        direct.push((q, bitmap))
-                    }
-                    _ => rest.push(*s),
-                },
-                _ => rest.push(*s),
-            }
-        }
-        if direct.is_empty() || c.invalid.is_some() {
-            return since::compute_chunk(chain, c, total, k);
-        }
-        let mut bits = if rest.is_empty() {
-            vec![0u64; since::CHUNK_WORDS]
-        } else {
-            let mut others = c.clone();
-            others.sources = rest;
-            since::compute_chunk(chain, &others, total, k)?
-        };
-        let b0 = k * CHUNK_BLOCKS;
-        let b1 = (b0 + CHUNK_BLOCKS).min(total);
-        if b0 >= b1 {
-            return Ok(bits);
-        }
-        for (q, bi) in direct {
-            or_bitmap(q, bi, b0, b1, &mut bits)?;
-        }
-        // Bits past the disk's end stay zero.
-        let valid = (b1 - b0) as usize;
-        if valid < CHUNK_BLOCKS as usize {
-            if valid % 64 != 0 {
-                bits[valid / 64] &= (1u64 << (valid % 64)) - 1;
-            }
-            bits[valid.div_ceil(64)..].fill(0);
-        }
-        Ok(bits)
+        since::compute_chunk(&self.model.chain, &self.model.checkpoints[ci], total, k)
     }
 
     /// The disk changed in `[off, off+len)`: drop every cached answer that covers it.
@@ -278,58 +234,4 @@ impl Engine {
             Ok(Arc::from(out))
         })
     }
-}
-
-/// Set bits [from, to) of a chunk.
-fn set_range(bits: &mut Bits, from: u64, to: u64) {
-    let mut i = from;
-    while i < to {
-        let (w, b) = ((i / 64) as usize, i % 64);
-        let n = (64 - b).min(to - i);
-        bits[w] |= if n == 64 {
-            u64::MAX
-        } else {
-            ((1u64 << n) - 1) << b
-        };
-        i += n;
-    }
-}
-
-/// OR the bits of bitmap `bi` of `q` (at the chunk's own granularity) for blocks [b0, b1) into
-/// `bits` (bit i = block b0 + i; b0 is a multiple of CHUNK_BLOCKS). Bits of the last word past
-/// b1 may be set; the caller masks them.
-fn or_bitmap(q: &Qcow2Image, bi: usize, b0: u64, b1: u64, bits: &mut Bits) -> Result<()> {
-    // A bitmap cluster holds 8 * cluster_size bits, a power of two of at least 4096: chunk
-    // and cluster boundaries are both multiples of 64 bits, so whole words line up.
-    let per_cluster = q.geo.cluster_size() * 8;
-    let mut j = b0;
-    while j < b1 {
-        let idx = j / per_cluster;
-        let base = idx * per_cluster;
-        let end = ((idx + 1) * per_cluster).min(b1);
-        match q.bitmap_cluster(bi, idx)? {
-            BitmapCluster::Fill(false) => {}
-            BitmapCluster::Fill(true) => set_range(bits, j - b0, end - b0),
-            BitmapCluster::Data(data) => {
-                let w0 = ((j - b0) / 64) as usize;
-                let nw = (end - j).div_ceil(64) as usize;
-                let from = ((j - base) / 8) as usize;
-                let src = data.get(from..).unwrap_or(&[]);
-                let src = &src[..src.len().min(nw * 8)];
-                let dst = &mut bits[w0..w0 + nw];
-                let mut words = src.chunks_exact(8);
-                for (d, s) in dst.iter_mut().zip(&mut words) {
-                    *d |= u64::from_le_bytes(s.try_into().expect("8 bytes"));
-                }
-                let tail = words.remainder();
-                if !tail.is_empty() {
-                    let mut last = [0u8; 8];
-                    last[..tail.len()].copy_from_slice(tail);
-                    dst[src.len() / 8] |= u64::from_le_bytes(last);
-                }
-            }
-        }
-        j = end;
-    }
-    Ok(())
 }

@@ -83,9 +83,17 @@ pub fn compute_chunk(chain: &Chain, c: &Checkpoint, total_blocks: u64, chunk: u6
     Ok(bits)
 }
 
-/// OR bitmap `bi` of `q` (granularity gs >= g) into blocks [b0, b1) at granularity g.
+/// OR bitmap `bi` of `q` (granularity gs >= g) into blocks [b0, b1) at granularity g: a
+/// word at a time where gs == g (the usual case), else bit by bit.
 fn add_bitmap(q: &Qcow2Image, bi: usize, g: u64, b0: u64, b1: u64, bits: &mut Bits) -> Result<()> {
-    let gs = q.bitmaps()[bi].entry.granularity();
+    let gs = q
+        .bitmap(bi)
+        .ok_or_else(|| Error::corrupt(format!("no bitmap {bi}")))?
+        .entry
+        .granularity();
+    if gs == g {
+        return or_bitmap(q, bi, b0, b1, bits);
+    }
     let bits_per_cluster = q.geo.cluster_size() * 8;
     // Source bits overlapping [b0*g, b1*g).
     let k0 = b0 * g / gs;
@@ -184,6 +192,45 @@ fn add_snapshot_diff(
 /// Number of set bits.
 pub fn count(bits: &Bits) -> u64 {
     bits.iter().map(|w| u64::from(w.count_ones())).sum()
+}
+
+/// OR the bits of bitmap `bi` of `q` (at the chunk's own granularity) for blocks [b0, b1) into
+/// `bits` (bit i = block b0 + i; b0 is a multiple of CHUNK_BLOCKS). Bits of the last word past
+/// b1 may be set; `compute_chunk` masks them.
+fn or_bitmap(q: &Qcow2Image, bi: usize, b0: u64, b1: u64, bits: &mut Bits) -> Result<()> {
+    // A bitmap cluster holds 8 * cluster_size bits, a power of two of at least 4096: chunk
+    // and cluster boundaries are both multiples of 64 bits, so whole words line up.
+    let per_cluster = q.geo.cluster_size() * 8;
+    let mut j = b0;
+    while j < b1 {
+        let idx = j / per_cluster;
+        let base = idx * per_cluster;
+        let end = ((idx + 1) * per_cluster).min(b1);
+        match q.bitmap_cluster(bi, idx)? {
+            BitmapCluster::Fill(false) => {}
+            BitmapCluster::Fill(true) => set_range(bits, j - b0, end - b0),
+            BitmapCluster::Data(data) => {
+                let w0 = ((j - b0) / 64) as usize;
+                let nw = (end - j).div_ceil(64) as usize;
+                let from = ((j - base) / 8) as usize;
+                let src = data.get(from..).unwrap_or(&[]);
+                let src = &src[..src.len().min(nw * 8)];
+                let dst = &mut bits[w0..w0 + nw];
+                let mut words = src.chunks_exact(8);
+                for (d, s) in dst.iter_mut().zip(&mut words) {
+                    *d |= u64::from_le_bytes(s.try_into().expect("8 bytes"));
+                }
+                let tail = words.remainder();
+                if !tail.is_empty() {
+                    let mut last = [0u8; 8];
+                    last[..tail.len()].copy_from_slice(tail);
+                    dst[src.len() / 8] |= u64::from_le_bytes(last);
+                }
+            }
+        }
+        j = end;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -61,22 +61,7 @@ impl Guard {
 pub fn metadata(q: &Qcow2Image) -> Result<Vec<(u64, u64, &'static str)>> {
     let h = &q.header;
     let cs = q.geo.cluster_size();
-    let mut out = vec![
-        (0, cs, "header"),
-        (h.l1_table_offset, u64::from(h.l1_size) * 8, "L1 table"),
-        (
-            h.refcount_table_offset,
-            u64::from(h.refcount_table_clusters) * cs,
-            "refcount table",
-        ),
-    ];
-    if let Some(b) = h.bitmaps {
-        out.push((
-            b.bitmap_directory_offset,
-            b.bitmap_directory_size,
-            "bitmap directory",
-        ));
-    }
+    let mut out = q.header_regions();
     for i in 0..u64::from(h.l1_size) {
         let l2 = q.l2_offset(Table::Active, i)?;
         if l2 != 0 {

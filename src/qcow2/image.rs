@@ -324,11 +324,12 @@ impl Qcow2Image {
         Ok(l1)
     }
 
-    /// Refuse header-level tables that overlap each other.
-    fn check_overlaps(&self) -> Result<()> {
+    /// The regions the header places: header cluster, L1 table, refcount table, bitmap
+    /// directory (offset, length in bytes, name).
+    pub fn header_regions(&self) -> Vec<(u64, u64, &'static str)> {
         let h = &self.header;
         let cs = self.geo.cluster_size();
-        let mut regions: Vec<(u64, u64, &str)> = vec![(0, cs, "header")];
+        let mut regions = vec![(0, cs, "header")];
         if h.l1_size > 0 {
             regions.push((h.l1_table_offset, u64::from(h.l1_size) * 8, "L1 table"));
         }
@@ -344,6 +345,13 @@ impl Qcow2Image {
                 "bitmap directory",
             ));
         }
+        regions
+    }
+
+    /// Refuse header-level tables that overlap each other.
+    fn check_overlaps(&self) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        let regions = self.header_regions();
         for (i, a) in regions.iter().enumerate() {
             for b in &regions[i + 1..] {
                 let a_end = align_up(a.0.saturating_add(a.1), cs).unwrap_or(u64::MAX);
