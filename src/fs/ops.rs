@@ -343,6 +343,10 @@ impl FsCore {
             perm: ro_file,
             nlink: 1,
         };
+        if !a.dir {
+            a.size = self.getattr_size(st, node).unwrap_or(0);
+            a.blocks = a.size.div_ceil(512);
+        }
         match node {
             Node::Root | Node::CurrentDir | Node::CkptDir(_) => {
                 a.perm = dir_perm;
@@ -353,30 +357,18 @@ impl FsCore {
                 a.nlink = 2;
             }
             Node::CurrentDisk | Node::CkptDisk(_) => {
-                a.size = self.disk(st, node).map_or(0, Disk::size);
                 a.blocks = self.disk_blocks(st, node);
                 if node == Node::CurrentDisk && self.writer.is_some() {
                     a.perm |= (self.info.image_mode & 0o200) as u16;
                 }
             }
             Node::CkptChanged(ci) => {
-                a.size = st.engine.model.disk_size();
-                if self.ckpt_ok(st, ci).is_ok() {
-                    a.blocks = self.changed_file_bytes(st, ci, a.size).div_ceil(512);
-                }
+                a.blocks = match self.ckpt_ok(st, ci) {
+                    Ok(()) => self.changed_file_bytes(st, ci, a.size).div_ceil(512),
+                    Err(_) => 0,
+                };
             }
-            Node::CkptBitmap(ci) => {
-                a.size = st.engine.bitmap_len(ci);
-                a.blocks = a.size.div_ceil(512);
-            }
-            Node::CkptExtents(_)
-            | Node::CheckpointsJson
-            | Node::StatsJson
-            | Node::CurrentInfo
-            | Node::CkptInfo(_) => {
-                a.size = self.content(st, node).map_or(0, |c| c.len() as u64);
-                a.blocks = a.size.div_ceil(512);
-            }
+            _ => {}
         }
         Ok(a)
     }
@@ -523,6 +515,7 @@ impl FsCore {
         Ok(buf)
     }
 
+    /// The size of a file node (what getattr reports and reads stop at).
     fn getattr_size(&self, st: &State, node: Node) -> Result<u64> {
         Ok(match node {
             Node::CurrentDisk | Node::CkptDisk(_) => self.disk(st, node).map_or(0, Disk::size),
