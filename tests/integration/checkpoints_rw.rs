@@ -23,10 +23,6 @@ const M: u64 = 1 << 20;
 const K64: u64 = 64 * K;
 const K128: u64 = 128 * K;
 
-fn s(p: &Path) -> &str {
-    p.to_str().expect("UTF-8 path")
-}
-
 // ---------------------------------------------------------------------------------------
 // Writes
 
@@ -180,41 +176,11 @@ fn names(mnt: &Mount) -> Vec<String> {
 // ---------------------------------------------------------------------------------------
 // QEMU's views
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Bm {
-    name: String,
-    flags: Vec<String>,
-    granularity: u64,
-}
+type Bm = BitmapInfo;
 
 /// Bitmaps of `image` as `qemu-img info --output=json` lists them (sorted by name).
 fn bitmaps(image: &Path) -> Vec<Bm> {
-    let out = common::run(
-        "qemu-img",
-        &[
-            OsStr::new("info"),
-            OsStr::new("--output=json"),
-            image.as_os_str(),
-        ],
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out).expect("qemu-img info json");
-    let mut l: Vec<Bm> = v["format-specific"]["data"]["bitmaps"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|b| Bm {
-                    name: b["name"].as_str().unwrap().to_string(),
-                    flags: b["flags"]
-                        .as_array()
-                        .unwrap()
-                        .iter()
-                        .map(|f| f.as_str().unwrap().to_string())
-                        .collect(),
-                    granularity: b["granularity"].as_u64().unwrap(),
-                })
-                .collect()
-        })
-        .unwrap_or_default();
+    let mut l = qemu_bitmaps(image, false);
     l.sort_by(|a, b| a.name.cmp(&b.name));
     l
 }
@@ -269,38 +235,6 @@ fn dirty(dir: &Path, tag: &str, image: &Path, name: &str) -> Vec<(u64, u64)> {
         );
     }
     r
-}
-
-fn check(image: &Path) -> (Option<i32>, String) {
-    let r = run_files(None, "qemu-img", &[OsStr::new("check"), image.as_os_str()]);
-    (r.code, format!("{}{}", r.stdout, r.stderr))
-}
-
-fn assert_check_clean(image: &Path, what: &str) {
-    let (code, out) = check(image);
-    assert_eq!(
-        code,
-        Some(0),
-        "{what}: qemu-img check {} should be clean:\n{out}",
-        image.display()
-    );
-}
-
-fn assert_identical(a: &Path, b: &Path, what: &str) {
-    let r = run_files(
-        None,
-        "qemu-img",
-        &[OsStr::new("compare"), a.as_os_str(), b.as_os_str()],
-    );
-    assert_eq!(
-        r.code,
-        Some(0),
-        "{what}: qemu-img compare {} {}: {}{}",
-        a.display(),
-        b.display(),
-        r.stdout,
-        r.stderr
-    );
 }
 
 fn rw(image: &Path, d: &Path, mp: &str) -> Mount {

@@ -16,10 +16,6 @@ use std::time::Duration;
 const K64: u64 = 65536;
 const M64: u64 = 64 << 20;
 
-fn s(p: &Path) -> &str {
-    p.to_str().expect("UTF-8 path")
-}
-
 /// The cookbook's libvirt scheme (every checkpoint bitmap recording) across an external
 /// snapshot, with more writes: unaligned, block-crossing, zeroing over older data, discard,
 /// data that happens to be zeros, the last block, and a checkpoint added after the snapshot.
@@ -488,32 +484,11 @@ fn internal_snapshot_checkpoint() {
     mnt.unmount();
 }
 
-/// qemu-storage-daemon serving `image` read-write over NBD on `sock`; returns its guard.
-fn start_writer(d: &Path, image: &Path, tag: &str) -> (PidFileDaemon, String) {
-    let pid_file = d.join(format!("{tag}.pid"));
-    let sock = d.join(format!("{tag}.sock"));
-    let blockdev = format!(
-        "driver=qcow2,node-name=q,file.driver=file,file.filename={}",
-        s(image)
-    );
-    let server = format!("addr.type=unix,addr.path={}", s(&sock));
-    let r = run_files(
-        Some(d),
-        "qemu-storage-daemon",
-        &[
-            "--daemonize",
-            "--pidfile",
-            s(&pid_file),
-            "--blockdev",
-            &blockdev,
-            "--nbd-server",
-            &server,
-            "--export",
-            "type=nbd,id=e,node-name=q,writable=on",
-        ],
-    );
-    let daemon = PidFileDaemon { pid_file };
+/// qemu-storage-daemon serving `image` read-write over NBD: its guard and NBD URI.
+fn start_nbd_writer(d: &Path, image: &Path, tag: &str) -> (PidFileDaemon, String) {
+    let (daemon, r) = start_writer(d, image, tag);
     assert!(r.ok, "qemu-storage-daemon: {}{}", r.stdout, r.stderr);
+    let sock = d.join(format!("{tag}.sock"));
     (daemon, format!("nbd+unix:///q?socket={}", s(&sock)))
 }
 
@@ -537,7 +512,7 @@ fn in_use_bitmaps_crashed_and_live_writer() {
     qemu_img(d, &["bitmap", "--add", "iu.qcow2", "c1"]);
     let iu = d.join("iu.qcow2");
     {
-        let (qsd, uri) = start_writer(d, &iu, "qsd");
+        let (qsd, uri) = start_nbd_writer(d, &iu, "qsd");
         nbd_write(d, &uri, "write -P 5 1M 64k");
         qsd.signal_and_wait(libc::SIGKILL);
     }
@@ -574,7 +549,7 @@ fn in_use_bitmaps_crashed_and_live_writer() {
     qemu_img(d, &["bitmap", "--add", "live.qcow2", "c1"]);
     qemu_io(d, "live.qcow2", &["write -P 0x32 4M 64k"]);
     let live = d.join("live.qcow2");
-    let (qsd, uri) = start_writer(d, &live, "live");
+    let (qsd, uri) = start_nbd_writer(d, &live, "live");
     nbd_write(d, &uri, "write -P 0x33 6M 64k");
     let dir = mount_dir(d, "mnt-live");
     match Mount::try_new(&live, &dir, None) {

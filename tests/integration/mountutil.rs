@@ -950,3 +950,106 @@ pub fn snapshot_file(p: &Path) -> (Vec<u8>, std::time::SystemTime) {
     let m = std::fs::metadata(p).unwrap();
     (std::fs::read(p).unwrap(), m.modified().unwrap())
 }
+
+/// A path as &str (test paths are UTF-8).
+pub fn s(p: &Path) -> &str {
+    p.to_str().expect("UTF-8 path")
+}
+
+/// `qemu-img check IMAGE`: (exit code, output).
+pub fn check(image: &Path) -> (Option<i32>, String) {
+    let r = run_files(None, "qemu-img", &[OsStr::new("check"), image.as_os_str()]);
+    (r.code, format!("{}{}", r.stdout, r.stderr))
+}
+
+/// `qemu-img check IMAGE` reports nothing at all.
+pub fn assert_check_clean(image: &Path, what: &str) {
+    let (code, out) = check(image);
+    assert_eq!(
+        code,
+        Some(0),
+        "{what}: qemu-img check {} should be clean:\n{out}",
+        image.display()
+    );
+}
+
+/// `qemu-img compare A B` (formats probed): must say identical.
+pub fn assert_identical(a: &Path, b: &Path, what: &str) {
+    let r = run_files(
+        None,
+        "qemu-img",
+        &[OsStr::new("compare"), a.as_os_str(), b.as_os_str()],
+    );
+    assert_eq!(
+        r.code,
+        Some(0),
+        "{what}: qemu-img compare {} {}: {}{}",
+        a.display(),
+        b.display(),
+        r.stdout,
+        r.stderr
+    );
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BitmapInfo {
+    pub name: String,
+    pub flags: Vec<String>,
+    pub granularity: u64,
+}
+
+/// Bitmaps of `image` as `qemu-img info [-U] --output=json` lists them.
+pub fn qemu_bitmaps(image: &Path, force_share: bool) -> Vec<BitmapInfo> {
+    let mut args = vec![OsStr::new("info")];
+    if force_share {
+        args.push(OsStr::new("-U"));
+    }
+    args.extend([OsStr::new("--output=json"), image.as_os_str()]);
+    let out = common::run("qemu-img", &args);
+    let v: serde_json::Value = serde_json::from_slice(&out).expect("qemu-img info json");
+    v["format-specific"]["data"]["bitmaps"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|b| BitmapInfo {
+                    name: b["name"].as_str().unwrap().to_string(),
+                    flags: b["flags"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|f| f.as_str().unwrap().to_string())
+                        .collect(),
+                    granularity: b["granularity"].as_u64().unwrap(),
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// qemu-storage-daemon exporting `image` writable over NBD on DIR/TAG.sock: its guard and
+/// how its start went.
+pub fn start_writer(d: &Path, image: &Path, tag: &str) -> (PidFileDaemon, Ran) {
+    let pid_file = d.join(format!("{tag}.pid"));
+    let sock = d.join(format!("{tag}.sock"));
+    let blockdev = format!(
+        "driver=qcow2,node-name=q,file.driver=file,file.filename={}",
+        s(image)
+    );
+    let server = format!("addr.type=unix,addr.path={}", s(&sock));
+    let r = run_files(
+        Some(d),
+        "qemu-storage-daemon",
+        &[
+            "--daemonize",
+            "--pidfile",
+            s(&pid_file),
+            "--blockdev",
+            &blockdev,
+            "--nbd-server",
+            &server,
+            "--export",
+            "type=nbd,id=e,node-name=q,writable=on",
+        ],
+    );
+    (PidFileDaemon { pid_file }, r)
+}

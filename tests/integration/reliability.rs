@@ -36,57 +36,13 @@ use std::time::{Duration, Instant};
 const K: u64 = 1024;
 const M: u64 = 1 << 20;
 
-fn s(p: &Path) -> &str {
-    p.to_str().expect("UTF-8 path")
-}
-
-/// `qemu-img check IMAGE`: (exit code, output).
-fn check(image: &Path) -> (Option<i32>, String) {
-    let r = run_files(None, "qemu-img", &[OsStr::new("check"), image.as_os_str()]);
-    (r.code, format!("{}{}", r.stdout, r.stderr))
-}
-
-fn assert_check_clean(image: &Path, what: &str) {
-    let (code, out) = check(image);
-    assert_eq!(
-        code,
-        Some(0),
-        "{what}: qemu-img check {} should be clean:\n{out}",
-        image.display()
-    );
-}
-
 /// (name, flags) of every bitmap of `image` (`qemu-img info --output=json`).
 fn bitmap_flags(image: &Path) -> Vec<(String, Vec<String>)> {
     // -U: also while ckptfs holds the image's write locks.
-    let out = common::run(
-        "qemu-img",
-        &[
-            OsStr::new("info"),
-            OsStr::new("-U"),
-            OsStr::new("--output=json"),
-            image.as_os_str(),
-        ],
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out).expect("qemu-img info json");
-    v["format-specific"]["data"]["bitmaps"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|b| {
-                    (
-                        b["name"].as_str().unwrap().to_string(),
-                        b["flags"]
-                            .as_array()
-                            .unwrap()
-                            .iter()
-                            .map(|f| f.as_str().unwrap().to_string())
-                            .collect(),
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default()
+    qemu_bitmaps(image, true)
+        .into_iter()
+        .map(|b| (b.name, b.flags))
+        .collect()
 }
 
 fn assert_bitmaps_stored(image: &Path, what: &str) {

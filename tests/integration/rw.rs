@@ -25,10 +25,6 @@ const K: u64 = 1024;
 const M: u64 = 1 << 20;
 const K64: u64 = 64 * K;
 
-fn s(p: &Path) -> &str {
-    p.to_str().expect("UTF-8 path")
-}
-
 /// The write-log seed: `CKPTFS_RW_SEED` or a fixed default, printed either way.
 fn seed(test: &str) -> u64 {
     let v = std::env::var("CKPTFS_RW_SEED").ok().map(|t| {
@@ -173,41 +169,6 @@ fn print_log(what: &str, ops: &[Op]) {
 // ---------------------------------------------------------------------------------------
 // QEMU's views
 
-#[derive(Debug, Clone)]
-struct BitmapInfo {
-    name: String,
-    flags: Vec<String>,
-    granularity: u64,
-}
-
-/// Bitmaps of `image` as `qemu-img info [-U] --output=json` lists them.
-fn bitmaps(image: &Path, force_share: bool) -> Vec<BitmapInfo> {
-    let mut args = vec![OsStr::new("info")];
-    if force_share {
-        args.push(OsStr::new("-U"));
-    }
-    args.extend([OsStr::new("--output=json"), image.as_os_str()]);
-    let out = common::run("qemu-img", &args);
-    let v: serde_json::Value = serde_json::from_slice(&out).expect("qemu-img info json");
-    v["format-specific"]["data"]["bitmaps"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|b| BitmapInfo {
-                    name: b["name"].as_str().unwrap().to_string(),
-                    flags: b["flags"]
-                        .as_array()
-                        .unwrap()
-                        .iter()
-                        .map(|f| f.as_str().unwrap().to_string())
-                        .collect(),
-                    granularity: b["granularity"].as_u64().unwrap(),
-                })
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 fn bitmap<'a>(list: &'a [BitmapInfo], name: &str, image: &Path) -> &'a BitmapInfo {
     list.iter()
         .find(|b| b.name == name)
@@ -220,40 +181,6 @@ fn dirty(dir: &Path, tag: &str, image: &Path, name: &str) -> Vec<(u64, u64)> {
     let sub = dir.join(format!("nbd-{tag}-{name}"));
     std::fs::create_dir(&sub).unwrap();
     common::qemu_dirty_ranges(&sub, s(image), name)
-}
-
-/// `qemu-img check IMAGE`: (exit code, output).
-fn check(image: &Path) -> (Option<i32>, String) {
-    let r = run_files(None, "qemu-img", &[OsStr::new("check"), image.as_os_str()]);
-    (r.code, format!("{}{}", r.stdout, r.stderr))
-}
-
-fn assert_check_clean(image: &Path, what: &str) {
-    let (code, out) = check(image);
-    assert_eq!(
-        code,
-        Some(0),
-        "{what}: qemu-img check {} should be clean:\n{out}",
-        image.display()
-    );
-}
-
-/// `qemu-img compare A B` (formats probed): must say identical.
-fn assert_identical(a: &Path, b: &Path, what: &str) {
-    let r = run_files(
-        None,
-        "qemu-img",
-        &[OsStr::new("compare"), a.as_os_str(), b.as_os_str()],
-    );
-    assert_eq!(
-        r.code,
-        Some(0),
-        "{what}: qemu-img compare {} {}: {}{}",
-        a.display(),
-        b.display(),
-        r.stdout,
-        r.stderr
-    );
 }
 
 /// Guest bytes `[off, off+len)` of `image` as QEMU reads them (`qemu-img dd`, bs = 64 KiB).
@@ -652,8 +579,8 @@ fn twin_run(d: &Path, what: &str, size: u64, ops: &[Op], regions: &[(u64, u64)],
         );
     }
     // Bitmaps: flags, then QEMU's bits of the top vs the twin vs the expectation.
-    let list = bitmaps(&top, false);
-    let pre_list = bitmaps(&pre, false);
+    let list = qemu_bitmaps(&top, false);
+    let pre_list = qemu_bitmaps(&pre, false);
     assert_eq!(list.len(), names.len(), "{what}: bitmaps {list:?}");
     for b in &list {
         assert!(
@@ -982,7 +909,7 @@ fn sigterm_is_a_clean_unmount() {
     assert!(!is_mounted(&mnt.dir), "still mounted after SIGTERM");
     drop(mnt);
     assert_check_clean(&top, "SIGTERM");
-    let list = bitmaps(&top, false);
+    let list = qemu_bitmaps(&top, false);
     assert!(
         !bitmap(&list, "c1", &top)
             .flags
@@ -1200,7 +1127,7 @@ fn kill9_keeps_fsynced_data() {
             &format!("fsynced chunk {i} after kill -9"),
         );
     }
-    for b in bitmaps(&top, false) {
+    for b in qemu_bitmaps(&top, false) {
         assert!(
             b.flags.iter().any(|f| f == "in-use"),
             "after kill -9 bitmap {} must stay in use: {:?}",
@@ -1208,7 +1135,7 @@ fn kill9_keeps_fsynced_data() {
             b.flags
         );
     }
-    assert_eq!(bitmaps(&top, false).len(), 2);
+    assert_eq!(qemu_bitmaps(&top, false).len(), 2);
     // In-use bitmaps are sticky: a later rw mount writes, keeps them in use, leaves at most
     // the old leaks.
     let mnt = rw(&top, &mount_dir(d, "mnt2"));
@@ -1223,7 +1150,7 @@ fn kill9_keeps_fsynced_data() {
         code2 == Some(0) || code2 == Some(3),
         "after kill -9 and a later rw mount: {code2:?}\n{out2}"
     );
-    for b in bitmaps(&top, false) {
+    for b in qemu_bitmaps(&top, false) {
         assert!(
             b.flags.iter().any(|f| f == "in-use"),
             "a later rw mount must keep {} in use: {:?}",
@@ -1250,33 +1177,6 @@ fn kill9_keeps_fsynced_data() {
 
 // ---------------------------------------------------------------------------------------
 // Test 4: locks
-
-/// qemu-storage-daemon exporting `image` writable over NBD; Ok(guard) or Err(its output).
-fn start_writer(d: &Path, image: &Path, tag: &str) -> (PidFileDaemon, Ran) {
-    let pid_file = d.join(format!("{tag}.pid"));
-    let sock = d.join(format!("{tag}.sock"));
-    let blockdev = format!(
-        "driver=qcow2,node-name=q,file.driver=file,file.filename={}",
-        s(image)
-    );
-    let server = format!("addr.type=unix,addr.path={}", s(&sock));
-    let r = run_files(
-        Some(d),
-        "qemu-storage-daemon",
-        &[
-            "--daemonize",
-            "--pidfile",
-            s(&pid_file),
-            "--blockdev",
-            &blockdev,
-            "--nbd-server",
-            &server,
-            "--export",
-            "type=nbd,id=e,node-name=q,writable=on",
-        ],
-    );
-    (PidFileDaemon { pid_file }, r)
-}
 
 fn says_locked(r: &Ran) -> bool {
     let t = format!("{}{}", r.stdout, r.stderr).to_lowercase();
@@ -1407,7 +1307,7 @@ fn refusals_and_bitmap_flags() {
 
     {
         let mnt = rw(&top, &mount_dir(d, "mnt"));
-        let list = bitmaps(&top, true);
+        let list = qemu_bitmaps(&top, true);
         assert_eq!(list.len(), 2, "{list:?}");
         for b in &list {
             assert!(
@@ -1507,7 +1407,7 @@ fn refusals_and_bitmap_flags() {
         }
         mnt.unmount();
     }
-    let list = bitmaps(&top, false);
+    let list = qemu_bitmaps(&top, false);
     for b in &list {
         assert!(
             !b.flags.iter().any(|f| f == "in-use"),
@@ -1544,7 +1444,7 @@ fn refusals_and_bitmap_flags() {
     set_incompatible_bit(&d.join("corrupt.qcow2"), 1);
     expect_refusal(&d.join("corrupt.qcow2"), &dir, Some("rw"), &["corrupt"]);
     // Refused images were not touched.
-    let snap = bitmaps(&d.join("snap.qcow2"), false);
+    let snap = qemu_bitmaps(&d.join("snap.qcow2"), false);
     assert!(
         snap.iter().all(|b| !b.flags.iter().any(|f| f == "in-use")),
         "{snap:?}"
@@ -1708,7 +1608,7 @@ fn restore_full_plus_incrementals() {
     }
     assert_identical(&target, &src, "restore: target vs source");
     assert_check_clean(&target, "restore target");
-    let list = bitmaps(&target, false);
+    let list = qemu_bitmaps(&target, false);
     let b = bitmap(&list, "restore", &target);
     assert!(!b.flags.iter().any(|f| f == "in-use"), "{list:?}");
     let got = dirty(d, "target", &target, "restore");
