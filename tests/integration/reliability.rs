@@ -1,22 +1,24 @@
 //! Reliability: concurrency, crashes, files changed underneath the mount, permissions and
 //! unmount cases, all through the real binary on QEMU-made chains.
 //!
-//! 1. `concurrent_readers_and_writer`: an rw mount, 4 reader threads on every kind of file and
-//!    one writer (pwrite, fallocate); the writer only touches the first half of the disk, so
+//! 1. `concurrent_readers_and_writer`: an rw mount, 8 reader threads (12,000 reads) on every kind
+//!    of file and one writer (1,000 ops: pwrite, fallocate); the writer only touches the first half of the disk, so
 //!    the second half of disk.img, changed.img, bitmap.bin and extents must never change, and
 //!    first-half reads made while no write is in flight must match the writer's model. After
 //!    the unmount, `qemu-img compare` with the model and `qemu-img check`.
 //! 2. `kill9_rounds_keep_fsynced_data`: rounds of rw mount, writes with some fsyncs, SIGKILL
-//!    at a random point, `umount -l`; check must report at most leaks and every fsynced byte
-//!    must be there (others: the old or one of the new values, never anything else).
+//!    at a random point, `umount -l` (50 rounds); check must report at most leaks and every
+//!    fsynced byte must be there (others: the old or one of the new values, never anything
+//!    else).
 //! 3. `changed_underneath_*`: a layer file written or touched behind a mount's back (a busy
-//!    reader, an idle ro mount, an rw mount): data reads fail with EIO within ~200 ms, the JSON
-//!    files still read.
+//!    reader, an idle ro mount, an rw mount): data reads fail with EIO within ~200 ms, pages
+//!    cached before fail too, the JSON files still read.
 //! 4. `permissions_*`: a second, unprivileged user (`nobody`, via `setpriv`) against mounts
 //!    with and without allow_other/default_permissions; modes, nosuid/nodev.
 //! 5. `unmount_*`: busy unmount then `umount -l`, SIGTERM (ro and rw).
 //! 6. `truncated_top_gives_eio`: the top image truncated behind a read-only mount: a data
 //!    cluster now past the end of the file must read as EIO, never as zeros.
+//! 7. `hostile_checkpoint_names_are_file_names`, `memory_bounded_whatever_the_image_claims`.
 //!
 //! Harness rules (see `mountutil`): every mount is owned by a guard, every access to the
 //! mounted tree runs under a timeout, only processes these tests started are killed, by PID.
@@ -524,9 +526,9 @@ fn concurrent_readers_and_writer() {
     });
     let tail = Arc::new(initial[half as usize..].to_vec());
 
-    const READERS: u64 = 4;
-    const READS_EACH: u64 = 750;
-    const WRITES: u64 = 300;
+    const READERS: u64 = 8;
+    const READS_EACH: u64 = 1500;
+    const WRITES: u64 = 1000;
     let start = Instant::now();
     let writer = {
         let (disk, sh) = (mnt.path("current/disk.img"), shared.clone());
