@@ -1,9 +1,10 @@
 //! Reliability: concurrency, crashes, files changed underneath the mount, permissions and
 //! unmount cases, all through the real binary on QEMU-made chains.
 //!
-//! 1. `concurrent_readers_and_writer`: an rw mount, 8 reader threads (12,000 reads) on every kind
-//!    of file and one writer (1,000 ops: pwrite, fallocate); the writer only touches the first half of the disk, so
-//!    the second half of disk.img, changed.img, bitmap.bin and extents must never change, and
+//! 1. `concurrent_readers_and_writer`: an rw mount, 8 reader threads (12,000 reads) on every
+//!    kind of file and one writer (1,000 ops: pwrite, fallocate); the writer only touches the
+//!    first half of the disk, so the second half of disk.img, changed.img, bitmap.bin and
+//!    extents must never change, and
 //!    first-half reads made while no write is in flight must match the writer's model. After
 //!    the unmount, `qemu-img compare` with the model and `qemu-img check`.
 //! 2. `kill9_rounds_keep_fsynced_data`: rounds of rw mount, writes with some fsyncs, SIGKILL
