@@ -19,14 +19,15 @@ pub struct Guard {
 impl Guard {
     /// Clusters `[c0, c1)` hold `what`; refused if they overlap metadata already known.
     pub fn protect(&mut self, c0: u64, c1: u64, what: &'static str) -> Result<()> {
+        if c1 <= c0 {
+            return Ok(());
+        }
         if let Some(other) = self.hit(c0, c1) {
             return Err(Error::corrupt(format!(
                 "the {what} at cluster {c0} overlaps the {other}"
             )));
         }
-        if c1 > c0 {
-            self.map.insert(c0, (c1, what));
-        }
+        self.map.insert(c0, (c1, what));
         Ok(())
     }
 
