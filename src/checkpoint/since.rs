@@ -55,13 +55,31 @@ pub fn compute_chunk(chain: &Chain, c: &Checkpoint, total_blocks: u64, chunk: u6
                 let l = &chain.layers[layer];
                 let end = (b1 * g).min(l.size(Table::Active));
                 let mut off = b0 * g;
+                if off >= end {
+                    continue;
+                }
+                if let Some(q) = l.qcow2() {
+                    let mut mark = |s: u64, n: u64| {
+                        set_range(&mut bits, s / g - b0, (s + n).div_ceil(g) - b0);
+                    };
+                    if q.present_runs(Table::Active, off, end - off, &mut mark)?
+                        .is_some()
+                    {
+                        continue;
+                    }
+                }
                 while off < end {
                     let (m, n) = l.map(Table::Active, off, end - off)?;
                     let n = n.max(1);
                     if m.is_allocated() {
-                        set_range(&mut bits, off / g - b0, (off + n).div_ceil(g) - b0);
+                        let to = (off + n).div_ceil(g);
+                        set_range(&mut bits, off / g - b0, to - b0);
+                        // The rest of the last block is marked already: skip its clusters
+                        // (many small runs, e.g. alternating entries, cost one lookup a block).
+                        off = to * g;
+                    } else {
+                        off += n;
                     }
-                    off += n;
                 }
             }
             Source::SnapshotDiff { layer, snapshot } => {

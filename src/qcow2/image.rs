@@ -6,7 +6,9 @@ use super::bitmaps::{self, BitmapEntry, TableEntry};
 use super::bytes::{align_up, u64_table};
 use super::compress;
 use super::header::{check_region, Header, AUTOCLEAR_BITMAPS};
-use super::l2::{l1_entry_offset, Geometry, Mapping};
+use super::l2::{
+    l1_entry_offset, Geometry, Mapping, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_ZERO,
+};
 use super::snapshot::{self, SnapshotEntry};
 use crate::error::{Error, Result};
 use lru::LruCache;
@@ -551,6 +553,59 @@ impl Qcow2Image {
 
     /// Where guest offset `off` lives in this layer, and for how many bytes (at most `len`)
     /// that answer holds. Past the virtual size of `table` the range is `Unallocated`.
+    /// Call `f(start, len)` for each run of `[off, off+len)` allocated in this image (present
+    /// at this depth, as `qemu-img map` says: data, zero or compressed clusters), reading each
+    /// L2 table once and looking only at the entries' flags and offsets. Standard L2 entries
+    /// only: `None` for extended L2 images (their subclusters go through `map`).
+    pub fn present_runs(
+        &self,
+        table: Table,
+        off: u64,
+        len: u64,
+        f: &mut dyn FnMut(u64, u64),
+    ) -> Result<Option<()>> {
+        if self.geo.extended {
+            return Ok(None);
+        }
+        let cs = self.geo.cluster_size();
+        let cov = self.geo.l2_coverage();
+        let end = off.saturating_add(len);
+        let mut at = off;
+        while at < end {
+            let l1_idx = at / cov;
+            let t_end = ((l1_idx + 1) * cov).min(end);
+            let l2_off = self
+                .l2_offset(table, l1_idx)
+                .map_err(|e| e.context(self.path.display()))?;
+            if l2_off != 0 {
+                let l2 = self
+                    .l2_table(l2_off)
+                    .map_err(|e| e.context(self.path.display()))?;
+                let mut run: Option<u64> = None;
+                let mut c = at - at % cs;
+                while c < t_end {
+                    let i = ((c / cs) % self.geo.l2_entries()) as usize;
+                    let e = l2.get(i).copied().unwrap_or(0);
+                    let present = e & (L2E_OFFSET_MASK | OFLAG_ZERO | OFLAG_COMPRESSED) != 0;
+                    match (present, run) {
+                        (true, None) => run = Some(c.max(at)),
+                        (false, Some(s)) => {
+                            f(s, c - s);
+                            run = None;
+                        }
+                        _ => {}
+                    }
+                    c += cs;
+                }
+                if let Some(s) = run {
+                    f(s, t_end - s);
+                }
+            }
+            at = t_end;
+        }
+        Ok(Some(()))
+    }
+
     pub fn map(&self, table: Table, off: u64, len: u64) -> Result<(Mapping, u64)> {
         self.map_inner(table, off, len)
             .map_err(|e| e.context(self.path.display()))

@@ -403,6 +403,27 @@ pub fn check_map(chain: &Arc<Chain>, start: usize, what: &str) {
             x += n;
         }
     }
+    // The allocation scan the since-sets use agrees with qemu-img map's "present at depth 0".
+    if let Some(q) = layer.qcow2() {
+        let mut got: Vec<(u64, u64)> = Vec::new();
+        let mut add = |s: u64, n: u64| match got.last_mut() {
+            Some(last) if last.0 + last.1 == s => last.1 += n,
+            _ => got.push((s, n)),
+        };
+        if q.present_runs(Table::Active, 0, q.size(), &mut add)
+            .unwrap_or_else(|e| panic!("{what}: present_runs: {e}"))
+            .is_some()
+        {
+            let mut want: Vec<(u64, u64)> = Vec::new();
+            for e in entries.iter().filter(|e| e.present && e.depth == 0) {
+                match want.last_mut() {
+                    Some(last) if last.0 + last.1 == e.start => last.1 += e.length,
+                    _ => want.push((e.start, e.length)),
+                }
+            }
+            assert_eq!(got, want, "{what}: present runs against qemu-img map");
+        }
+    }
 }
 
 /// For every layer of the chain under `top`: read it as a disk starting at that layer and
