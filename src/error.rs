@@ -23,6 +23,8 @@ pub enum ErrorKind {
     Busy,
     /// An operation ckptfs will not do here (size changes, deleting a layer checkpoint).
     Refused,
+    /// A generated file that would outgrow its memory budget.
+    TooLarge,
     /// The host reported an I/O error.
     Io,
 }
@@ -98,6 +100,7 @@ impl Error {
             ErrorKind::Unsupported => libc::EOPNOTSUPP,
             ErrorKind::Busy => libc::EBUSY,
             ErrorKind::Refused => libc::EPERM,
+            ErrorKind::TooLarge => libc::EFBIG,
             ErrorKind::Io => self
                 .source
                 .as_ref()

@@ -9,6 +9,7 @@ use crate::chain::Disk;
 use crate::error::{Error, ErrorKind, Result};
 use crate::qcow2::{Qcow2Image, Table};
 use parking_lot::RwLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 /// A value computed once, remembering an error as well as a success.
@@ -20,6 +21,8 @@ pub struct Engine {
     pub cache: ChunkCache,
     pub cache_bytes: u64,
     extents: RwLock<Vec<Cached<Arc<str>>>>,
+    /// Bytes of extents text held in `extents`: all together stay within `cache_bytes / 4`.
+    extents_bytes: AtomicU64,
     changed: RwLock<Vec<Cached<u64>>>,
 }
 
@@ -31,9 +34,10 @@ pub fn keep<T: Clone>(cell: &Cached<T>, f: impl FnOnce() -> Result<T>) -> Result
 }
 
 impl Engine {
-    /// An engine whose caches, together, stay within about `cache_bytes`: half for since-set
-    /// chunks, half shared by the qcow2 layers' own caches (L2 tables, decompressed and
-    /// bitmap clusters; see `Qcow2Image::set_cache_budget`).
+    /// An engine whose caches, together, stay within about `cache_bytes`: half shared by the
+    /// qcow2 layers' own caches (L2 tables, decompressed and bitmap clusters; see
+    /// `Qcow2Image::set_cache_budget`), a quarter for since-set chunks, a quarter for the
+    /// extents texts.
     pub fn new(model: Arc<Model>, cache_bytes: u64) -> Engine {
         let n = model.checkpoints.len();
         let current = Disk::new(model.chain.clone(), 0, Table::Active);
@@ -52,10 +56,11 @@ impl Engine {
         }
         Engine {
             current,
-            cache: ChunkCache::new(cache_bytes - layer_bytes),
+            cache: ChunkCache::new(cache_bytes / 4),
             model,
             cache_bytes,
             extents: RwLock::new((0..n).map(|_| OnceLock::new()).collect()),
+            extents_bytes: AtomicU64::new(0),
             changed: RwLock::new((0..n).map(|_| OnceLock::new()).collect()),
         }
     }
@@ -99,7 +104,10 @@ impl Engine {
             }
         }
         let n = self.model.checkpoints.len();
-        *self.extents.write() = (0..n).map(|_| OnceLock::new()).collect();
+        let mut ext = self.extents.write();
+        *ext = (0..n).map(|_| OnceLock::new()).collect();
+        self.extents_bytes.store(0, Ordering::Relaxed);
+        drop(ext);
         *self.changed.write() = (0..n).map(|_| OnceLock::new()).collect();
     }
 
@@ -209,28 +217,71 @@ impl Engine {
     }
 
     /// The extents file: "OFFSET LENGTH" per changed run, "OFFSET LENGTH zero" for runs the
-    /// metadata knows to read as zeros now.
+    /// metadata knows to read as zeros now. Built run by run; the texts of all checkpoints
+    /// together stay within a quarter of `cache_bytes` (past that: EFBIG, whatever the image
+    /// claims; changed.img with SEEK_DATA/SEEK_HOLE serves the same runs at any size).
     pub fn extents(&self, ci: usize) -> Result<Arc<str>> {
         keep(&self.extents.read()[ci], || {
+            let limit =
+                (self.cache_bytes / 4).saturating_sub(self.extents_bytes.load(Ordering::Relaxed));
+            let too_big = || {
+                Error::new(
+                    ErrorKind::TooLarge,
+                    format!(
+                        "{}/extents: more than {limit} bytes of text (the extents files share \
+                         a quarter of cache_mb); use changed.img with SEEK_DATA/SEEK_HOLE, or raise cache_mb",
+                        self.model.checkpoints[ci].dir_name
+                    ),
+                )
+            };
             let size = self.model.disk_size();
-            let mut runs: Vec<(u64, u64, bool)> = Vec::new();
-            for (s, e) in self.changed_runs(ci, 0, size)? {
-                let mut at = s;
-                while at < e {
-                    let (r, n) = self.current.resolve(at, e - at)?;
+            let g = self.granularity(ci);
+            let mut out = String::new();
+            let mut pending: Option<(u64, u64, bool)> = None;
+            let flush = |out: &mut String, (o, l, z): (u64, u64, bool)| {
+                let line = format!("{o} {l}{}\n", if z { " zero" } else { "" });
+                let need = out.len() + line.len();
+                if need as u64 > limit {
+                    return Err(too_big());
+                }
+                if need > out.capacity() {
+                    // Grow by doubling, but never past the limit.
+                    let cap = (out.capacity() * 2).clamp(4096, limit as usize).max(need);
+                    out.reserve_exact(cap - out.len());
+                }
+                out.push_str(&line);
+                Ok(())
+            };
+            let mut b = 0;
+            while b * g < size {
+                let Some(s) = self.next_block(ci, b, true)? else {
+                    break;
+                };
+                let e = self
+                    .next_block(ci, s, false)?
+                    .unwrap_or_else(|| self.total_blocks(ci));
+                let (mut at, end) = (s * g, (e * g).min(size));
+                while at < end {
+                    let (r, n) = self.current.resolve(at, end - at)?;
                     let n = n.max(1);
                     let zero = r.known_zero();
-                    match runs.last_mut() {
+                    match pending.as_mut() {
                         Some(last) if last.0 + last.1 == at && last.2 == zero => last.1 += n,
-                        _ => runs.push((at, n, zero)),
+                        _ => {
+                            if let Some(p) = pending.replace((at, n, zero)) {
+                                flush(&mut out, p)?;
+                            }
+                        }
                     }
                     at += n;
                 }
+                b = e;
             }
-            let mut out = String::new();
-            for (o, l, z) in runs {
-                out.push_str(&format!("{o} {l}{}\n", if z { " zero" } else { "" }));
+            if let Some(p) = pending {
+                flush(&mut out, p)?;
             }
+            self.extents_bytes
+                .fetch_add(out.len() as u64, Ordering::Relaxed);
             Ok(Arc::from(out))
         })
     }

@@ -241,8 +241,9 @@ impl FsCore {
                     render::to_text(&render::checkpoint_json(&st.engine, ci, true))
                 }
                 Node::CkptExtents(ci) => {
+                    // The engine's text itself, not a copy.
                     self.ckpt_ok(st, ci)?;
-                    st.engine.extents(ci)?.to_string()
+                    return Ok(Arc::<[u8]>::from(st.engine.extents(ci)?));
                 }
                 _ => return Err(Error::invalid("not a generated file")),
             };

@@ -1653,7 +1653,7 @@ fn peak_rss(pid: i32) -> u64 {
 /// 32 MiB and which is held whole) whatever the image claims: a 1 PiB disk with 2 MiB
 /// clusters and a bitmap, and a 128 GiB disk with 512-byte clusters (a 32 MiB L1 table).
 /// Every file is used: SEEK_DATA/SEEK_HOLE over the whole changed.img, all of bitmap.bin and
-/// extents, 2,000 random reads of disk.img.
+/// extents, 2,000 random reads of disk.img. Then a hostile image claiming 128 Mi changed runs.
 #[test]
 fn memory_bounded_whatever_the_image_claims() {
     let t = tempdir();
@@ -1705,5 +1705,78 @@ fn memory_bounded_whatever_the_image_claims() {
         );
         mnt.unmount();
     }
+
+    // A hostile 32 MiB image: its 4 Mi L1 entries all name one L2 table whose entries
+    // alternate data and unallocated, so the base layer's checkpoint claims 128 Mi changed
+    // runs. changed.img answers; the extents text would be gigabytes: EFBIG, not an
+    // allocation without bound.
+    create(d, "hbase.qcow2", "128G", "cluster_size=512", None);
+    create(
+        d,
+        "hostile.qcow2",
+        "128G",
+        "cluster_size=512",
+        Some(("hbase.qcow2", "qcow2")),
+    );
+    share_one_l2_table(&d.join("hostile.qcow2"));
+    let mnt_dir = mount_dir(d, "mnt-hostile");
+    let opts = format!("cache_mb={CACHE_MB}");
+    let mnt = Mount::foreground(
+        &d.join("hostile.qcow2"),
+        &mnt_dir,
+        Some(&opts),
+        &d.join("log"),
+    );
+    let pid = mnt.child_pid().unwrap();
+    let changed = mnt.path("hbase.qcow2/changed.img");
+    let md = metadata(&changed);
+    assert_eq!(md.blocks(), (64 << 30) / 512, "half of 128 GiB changed");
+    let f = open_timed(&changed, false).unwrap();
+    let seek = |off: i64, whence: i32| {
+        // SAFETY: lseek on an open descriptor.
+        unsafe { libc::lseek(f.as_raw_fd(), off, whence) }
+    };
+    assert_eq!(
+        (seek(0, libc::SEEK_DATA), seek(0, libc::SEEK_HOLE)),
+        (0, 512)
+    );
+    assert_eq!(seek(1 << 36, libc::SEEK_DATA), 1 << 36);
+    drop(f);
+    assert_errno(
+        try_read(&mnt.path("hbase.qcow2/extents")),
+        libc::EFBIG,
+        "extents of 128 Mi runs",
+    );
+    let peak = peak_rss(pid);
+    let bound = CACHE_MB * M + 32 * M + FIXED;
+    figures.push(format!(
+        "hostile shared L2 table: peak RSS {} MiB (bound {} MiB)",
+        peak / M,
+        bound / M
+    ));
+    assert!(peak <= bound, "hostile image: peak RSS {} MiB", peak / M);
+    mnt.unmount();
     println!("memory: {}", figures.join("; "));
+}
+
+/// Point every L1 entry of `image` (512-byte clusters) at one new L2 table whose entries
+/// alternate a data cluster and unallocated.
+fn share_one_l2_table(image: &Path) {
+    let mut b = std::fs::read(image).unwrap();
+    let be32 = |b: &[u8], o: usize| u32::from_be_bytes(b[o..o + 4].try_into().unwrap());
+    let be64 = |b: &[u8], o: usize| u64::from_be_bytes(b[o..o + 8].try_into().unwrap());
+    let (l1_size, l1_off) = (be32(&b, 36) as usize, be64(&b, 40) as usize);
+    let end = b.len().div_ceil(512) * 512;
+    b.resize(end, 0);
+    let (l2, data) = (end as u64, end as u64 + 512);
+    for i in 0..64u64 {
+        let e = if i % 2 == 0 { data | 1 << 63 } else { 0 };
+        b.extend_from_slice(&e.to_be_bytes());
+    }
+    b.extend_from_slice(&[0x55; 512]);
+    let entry = (l2 | 1 << 63).to_be_bytes();
+    for i in 0..l1_size {
+        b[l1_off + 8 * i..l1_off + 8 * i + 8].copy_from_slice(&entry);
+    }
+    std::fs::write(image, &b).unwrap();
 }
