@@ -170,13 +170,12 @@ fn eio_from_the_file_under_the_image() {
     let image = faulty_dir.join(NAME);
     let mnt = Mount::new(&image, &mount_dir(d, "mnt"), None);
     let disk = mnt.path("current/disk.img");
-    let f = File::open(&disk).unwrap();
 
     // Every 64 KiB block of the disk: EIO exactly where the data lies in the bad range.
     let (mut ok_blocks, mut eio_blocks) = (0, 0);
     for off in (0..truth.len() as u64).step_by(65536) {
         let inside = bad_guest.iter().any(|&(s, e)| off < e && s < off + 65536);
-        match pread_full(&f, off, 65536) {
+        match read_at(&disk, off, 65536) {
             Ok(got) => {
                 assert!(
                     !inside,
@@ -198,16 +197,15 @@ fn eio_from_the_file_under_the_image() {
         }
     }
     // changed.img of checkpoint c1 (everything written since): the same.
-    let changed = File::open(mnt.path("c1/changed.img")).unwrap();
+    let changed = mnt.path("c1/changed.img");
     let (s0, _) = bad_guest[0];
     assert_eio_at(&changed, s0, "c1/changed.img in the bad range");
-    let got = pread_full(&changed, 5 * 1024 * 1024, 65536).unwrap();
+    let got = read_at(&changed, 5 * 1024 * 1024, 65536).unwrap();
     assert_eq!(
         got,
         vec![0x32; 65536],
         "c1/changed.img outside the bad range"
     );
-    drop(changed);
     // A whole-file copy fails instead of writing a file with a hole of zeros.
     let copy = d.join("copy.raw");
     let r = run_files(
@@ -229,7 +227,6 @@ fn eio_from_the_file_under_the_image() {
          host range {:#x}..{:#x}; cp --sparse=always failed with EIO",
         bad.0, bad.1
     );
-    drop(f);
     mnt.unmount();
     faulty.umount_and_join().unwrap();
 
@@ -242,9 +239,9 @@ fn eio_from_the_file_under_the_image() {
     let l2 = e & 0x00ff_ffff_ffff_fe00;
     let faulty = mount_faultfs(&faulty_dir, &real, (l2, l2 + 65536));
     let mnt = Mount::new(&image, &mount_dir(d, "mnt2"), None);
-    let f = File::open(mnt.path("current/disk.img")).unwrap();
+    let disk = mnt.path("current/disk.img");
     for off in [0, 2 * 1024 * 1024, 5 * 1024 * 1024, 7 * 1024 * 1024] {
-        assert_eio_at(&f, off, "disk.img with its L2 table unreadable");
+        assert_eio_at(&disk, off, "disk.img with its L2 table unreadable");
     }
     assert_errno(
         try_read(&mnt.path("c1/extents")),
@@ -253,14 +250,21 @@ fn eio_from_the_file_under_the_image() {
     );
     let bits = read(&mnt.path("c1/bitmap.bin"));
     assert!(bits.iter().any(|&x| x != 0), "c1/bitmap.bin reads");
-    drop(f);
     mnt.unmount();
     faulty.umount_and_join().unwrap();
 }
 
-fn assert_eio_at(f: &File, off: u64, what: &str) {
+/// Open `path` and read `len` bytes at `off`, under the access timeout.
+fn read_at(path: &Path, off: u64, len: usize) -> std::io::Result<Vec<u8>> {
+    let p = path.to_path_buf();
+    timed(&format!("read {} at {off}", path.display()), move || {
+        pread_full(&File::open(&p)?, off, len)
+    })
+}
+
+fn assert_eio_at(path: &Path, off: u64, what: &str) {
     assert_errno(
-        pread_full(f, off, 4096),
+        read_at(path, off, 4096),
         libc::EIO,
         &format!("{what} at {off:#x}"),
     );
