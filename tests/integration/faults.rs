@@ -208,15 +208,7 @@ fn eio_from_the_file_under_the_image() {
     );
     // A whole-file copy fails instead of writing a file with a hole of zeros.
     let copy = d.join("copy.raw");
-    let r = run_files(
-        None,
-        "cp",
-        &[
-            OsStr::new("--sparse=always"),
-            disk.as_os_str(),
-            copy.as_os_str(),
-        ],
-    );
+    let r = try_cp_sparse(&disk, &copy);
     assert!(!r.ok, "cp of disk.img over a bad range succeeded: {r:?}");
     assert!(
         r.stderr.contains("Input/output error"),

@@ -605,19 +605,6 @@ fn in_use_bitmaps_crashed_and_live_writer() {
     qsd.signal_and_wait(libc::SIGTERM);
 }
 
-fn cp_sparse(src: &Path, dst: &Path) {
-    let r = run_files(
-        None,
-        "cp",
-        &[
-            OsStr::new("--sparse=always"),
-            src.as_os_str(),
-            dst.as_os_str(),
-        ],
-    );
-    assert!(r.ok, "cp --sparse=always {}: {}", src.display(), r.stderr);
-}
-
 fn dd(args: &[String]) {
     let r = run_files(None, "dd", args);
     assert!(r.ok, "dd {args:?}: {}", r.stderr);

@@ -1053,3 +1053,22 @@ pub fn start_writer(d: &Path, image: &Path, tag: &str) -> (PidFileDaemon, Ran) {
     );
     (PidFileDaemon { pid_file }, r)
 }
+
+/// `cp --sparse=always SRC DST` (timed like every command here).
+pub fn try_cp_sparse(src: &Path, dst: &Path) -> Ran {
+    run_files(
+        None,
+        "cp",
+        &[
+            OsStr::new("--sparse=always"),
+            src.as_os_str(),
+            dst.as_os_str(),
+        ],
+    )
+}
+
+/// `cp --sparse=always SRC DST`, which must succeed.
+pub fn cp_sparse(src: &Path, dst: &Path) {
+    let r = try_cp_sparse(src, dst);
+    assert!(r.ok, "cp --sparse=always {}: {}", src.display(), r.stderr);
+}

@@ -1484,19 +1484,6 @@ fn zero_ranges(disk: &Path, ranges: &[(u64, u64)], mode: i32) {
     });
 }
 
-fn cp_sparse(src: &Path, dst: &Path) {
-    let r = run_files(
-        None,
-        "cp",
-        &[
-            OsStr::new("--sparse=always"),
-            src.as_os_str(),
-            dst.as_os_str(),
-        ],
-    );
-    assert!(r.ok, "cp --sparse=always {}: {}", src.display(), r.stderr);
-}
-
 /// One incremental taken from a ro mount of `src`: (sparse copy of changed.img, extents).
 fn take_incremental(d: &Path, src: &Path, ckpt: &str, n: usize) -> (PathBuf, Vec<Extent>) {
     let mnt = Mount::new(src, &mount_dir(d, &format!("mnt-inc{n}")), None);
