@@ -267,6 +267,35 @@ fn mount_points() -> Vec<PathBuf> {
         .collect()
 }
 
+/// Wait until `path` is mounted by child `pid` (named `what`), polling every `poll`; its log
+/// tells why if it exits first.
+fn wait_mounted(
+    what: &str,
+    pid: i32,
+    path: &Path,
+    log: &Path,
+    secs: u64,
+    poll: Duration,
+) -> Res<()> {
+    let end = Instant::now() + Duration::from_secs(secs);
+    while !is_mounted(path) {
+        let mut st = 0;
+        // SAFETY: waitpid on our child, WNOHANG.
+        if unsafe { libc::waitpid(pid, &mut st, libc::WNOHANG) } == pid {
+            return Err(format!(
+                "{what} exited before mounting: {}",
+                fs::read_to_string(log).unwrap_or_default().trim()
+            )
+            .into());
+        }
+        if Instant::now() > end {
+            return Err(format!("{what} did not mount within {secs} s").into());
+        }
+        std::thread::sleep(poll);
+    }
+    Ok(())
+}
+
 fn is_mounted(p: &Path) -> bool {
     mount_points().iter().any(|m| m == p)
 }
@@ -466,25 +495,7 @@ impl Ckptfs {
             mount: Some(dir.to_path_buf()),
         });
         let dir = fs::canonicalize(dir)?;
-        let end = Instant::now() + Duration::from_secs(60);
-        loop {
-            if is_mounted(&dir) {
-                break;
-            }
-            let mut st = 0;
-            // SAFETY: waitpid on our child, WNOHANG.
-            if unsafe { libc::waitpid(pid, &mut st, libc::WNOHANG) } == pid {
-                return Err(format!(
-                    "ckptfs exited before mounting: {}",
-                    fs::read_to_string(&log).unwrap_or_default().trim()
-                )
-                .into());
-            }
-            if Instant::now() > end {
-                return Err("ckptfs did not mount within 60 s".into());
-            }
-            std::thread::sleep(Duration::from_micros(500));
-        }
+        wait_mounted("ckptfs", pid, &dir, &log, 60, Duration::from_micros(500))?;
         let mount_secs = t.elapsed().as_secs_f64();
         Ok(Ckptfs {
             pid,
@@ -573,22 +584,14 @@ impl Qsd {
             pid,
             mount: Some(file.clone()),
         });
-        let end = Instant::now() + Duration::from_secs(30);
-        while !is_mounted(&file) {
-            let mut st = 0;
-            // SAFETY: waitpid on our child, WNOHANG.
-            if unsafe { libc::waitpid(pid, &mut st, libc::WNOHANG) } == pid {
-                return Err(format!(
-                    "qemu-storage-daemon exited: {}",
-                    fs::read_to_string(&log).unwrap_or_default().trim()
-                )
-                .into());
-            }
-            if Instant::now() > end {
-                return Err("qemu-storage-daemon did not mount within 30 s".into());
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
+        wait_mounted(
+            "qemu-storage-daemon",
+            pid,
+            &file,
+            &log,
+            30,
+            Duration::from_millis(2),
+        )?;
         Ok(Qsd {
             file,
             _guard: guard,

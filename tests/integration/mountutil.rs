@@ -1072,3 +1072,68 @@ pub fn cp_sparse(src: &Path, dst: &Path) {
     let r = try_cp_sparse(src, dst);
     assert!(r.ok, "cp --sparse=always {}: {}", src.display(), r.stderr);
 }
+
+/// Expect ckptfs to refuse: non-zero, one or two lines mentioning every needle, nothing
+/// mounted, no daemon left.
+pub fn expect_refusal(image: &Path, dir: &Path, opts: Option<&str>, needles: &[&str]) -> String {
+    let r = match Mount::try_new(image, dir, opts) {
+        Ok(m) => {
+            drop(m);
+            panic!(
+                "ckptfs -o {opts:?} {} should have been refused",
+                image.display()
+            );
+        }
+        Err(r) => r,
+    };
+    let msg = r.stderr.trim().to_string();
+    assert_ne!(r.code, Some(0), "{r:?}");
+    let lines = msg.lines().count();
+    assert!(
+        (1..=2).contains(&lines),
+        "-o {opts:?}: expected a one- or two-line message, got {lines}: {msg:?}"
+    );
+    for n in needles {
+        assert!(
+            msg.to_lowercase().contains(&n.to_lowercase()),
+            "-o {opts:?}: the message should mention {n:?}: {msg:?}"
+        );
+    }
+    assert!(
+        !is_mounted(dir),
+        "{} mounted after a refusal",
+        dir.display()
+    );
+    assert!(
+        reap_daemons(dir, Duration::from_secs(2)),
+        "a ckptfs daemon was left behind for {}",
+        dir.display()
+    );
+    msg
+}
+
+/// `qemu-img compare -f raw -F qcow2 RAW IMAGE` must say identical.
+pub fn assert_image_equals_raw(raw: &Path, image: &Path, what: &str) {
+    let r = run_files(
+        None,
+        "qemu-img",
+        &[
+            OsStr::new("compare"),
+            OsStr::new("-f"),
+            OsStr::new("raw"),
+            OsStr::new("-F"),
+            OsStr::new("qcow2"),
+            raw.as_os_str(),
+            image.as_os_str(),
+        ],
+    );
+    assert_eq!(
+        r.code,
+        Some(0),
+        "{what}: qemu-img compare {} {}: {}{}",
+        raw.display(),
+        image.display(),
+        r.stdout,
+        r.stderr
+    );
+}

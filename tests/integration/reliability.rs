@@ -64,32 +64,6 @@ fn assert_bitmaps_stored(image: &Path, what: &str) {
     }
 }
 
-/// `qemu-img compare -f raw -F qcow2 RAW IMAGE` must say identical.
-fn assert_image_equals_raw(raw: &Path, image: &Path, what: &str) {
-    let r = run_files(
-        None,
-        "qemu-img",
-        &[
-            OsStr::new("compare"),
-            OsStr::new("-f"),
-            OsStr::new("raw"),
-            OsStr::new("-F"),
-            OsStr::new("qcow2"),
-            raw.as_os_str(),
-            image.as_os_str(),
-        ],
-    );
-    assert_eq!(
-        r.code,
-        Some(0),
-        "{what}: qemu-img compare {} {}: {}{}",
-        raw.display(),
-        image.display(),
-        r.stdout,
-        r.stderr
-    );
-}
-
 fn fallocate(f: &File, mode: i32, off: u64, len: u64) -> std::io::Result<()> {
     // SAFETY: fallocate(2) on an fd owned by `f`.
     let r = unsafe { libc::fallocate(f.as_raw_fd(), mode, off as libc::off_t, len as libc::off_t) };

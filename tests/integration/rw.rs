@@ -240,45 +240,6 @@ fn rw(image: &Path, dir: &Path) -> Mount {
     Mount::new(image, dir, Some("rw"))
 }
 
-/// Expect ckptfs to refuse: non-zero, one or two lines mentioning every needle, nothing
-/// mounted, no daemon left.
-fn expect_refusal(image: &Path, dir: &Path, opts: Option<&str>, needles: &[&str]) -> String {
-    let r = match Mount::try_new(image, dir, opts) {
-        Ok(m) => {
-            drop(m);
-            panic!(
-                "ckptfs -o {opts:?} {} should have been refused",
-                image.display()
-            );
-        }
-        Err(r) => r,
-    };
-    let msg = r.stderr.trim().to_string();
-    assert_ne!(r.code, Some(0), "{r:?}");
-    let lines = msg.lines().count();
-    assert!(
-        (1..=2).contains(&lines),
-        "-o {opts:?}: expected a one- or two-line message, got {lines}: {msg:?}"
-    );
-    for n in needles {
-        assert!(
-            msg.to_lowercase().contains(&n.to_lowercase()),
-            "-o {opts:?}: the message should mention {n:?}: {msg:?}"
-        );
-    }
-    assert!(
-        !is_mounted(dir),
-        "{} mounted after a refusal",
-        dir.display()
-    );
-    assert!(
-        reap_daemons(dir, Duration::from_secs(2)),
-        "a ckptfs daemon was left behind for {}",
-        dir.display()
-    );
-    msg
-}
-
 // ---------------------------------------------------------------------------------------
 // Test 1: the twin test
 
