@@ -104,6 +104,11 @@ fn is_data(node: Node) -> bool {
     )
 }
 
+/// Is this a generated text file (JSON, extents), whose content an open handle keeps?
+fn is_generated(node: Node) -> bool {
+    !node.is_dir() && !is_data(node)
+}
+
 /// Does the chain name its bitmaps `child^parent`?
 fn uses_carets(model: &Model) -> bool {
     model
@@ -434,11 +439,7 @@ impl FsCore {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         match node {
             Node::CkptChanged(ci) | Node::CkptBitmap(ci) => self.ckpt_ok(st, ci)?,
-            Node::CkptExtents(_)
-            | Node::CheckpointsJson
-            | Node::StatsJson
-            | Node::CurrentInfo
-            | Node::CkptInfo(_) => {
+            n if is_generated(n) => {
                 let c = self.content(st, node)?;
                 self.handles.lock().insert(fh, c);
             }
@@ -464,16 +465,8 @@ impl FsCore {
         let st = self.state();
         let st = &*st;
         let node = self.node(st, ino)?;
-        let generated = matches!(
-            node,
-            Node::CkptExtents(_)
-                | Node::CheckpointsJson
-                | Node::StatsJson
-                | Node::CurrentInfo
-                | Node::CkptInfo(_)
-        );
         // Only generated files keep per-open content; disk reads never touch the handle map.
-        if let Some(c) = generated
+        if let Some(c) = is_generated(node)
             .then(|| self.handles.lock().get(&fh).cloned())
             .flatten()
         {
