@@ -141,13 +141,17 @@ impl Engine {
         Ok(None)
     }
 
-    /// Runs of changed blocks intersecting byte range [off, off+len): (start, end) in bytes,
-    /// clipped to the range and to the disk size.
-    pub fn changed_runs(&self, ci: usize, off: u64, len: u64) -> Result<Vec<(u64, u64)>> {
+    /// Call `f(start, end)` for each run of changed blocks intersecting byte range
+    /// [off, off+len), in order, clipped to the range and to the disk size.
+    fn each_changed_run(
+        &self,
+        ci: usize,
+        off: u64,
+        len: u64,
+        mut f: impl FnMut(u64, u64) -> Result<()>,
+    ) -> Result<()> {
         let g = self.granularity(ci);
-        let size = self.model.disk_size();
-        let end = (off + len).min(size);
-        let mut out = Vec::new();
+        let end = off.saturating_add(len).min(self.model.disk_size());
         let mut b = off / g;
         while b * g < end {
             let Some(s) = self.next_block(ci, b, true)? else {
@@ -159,23 +163,24 @@ impl Engine {
             let e = self
                 .next_block(ci, s, false)?
                 .unwrap_or_else(|| self.total_blocks(ci));
-            out.push(((s * g).max(off), (e * g).min(end)));
+            f((s * g).max(off), (e * g).min(end))?;
             b = e;
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Read changed.img: current data in changed blocks, zeros elsewhere.
     pub fn read_changed(&self, ci: usize, off: u64, buf: &mut [u8]) -> Result<()> {
         // Only the holes between changed runs are zeroed; the runs are read over.
         let mut done = 0usize;
-        for (s, e) in self.changed_runs(ci, off, buf.len() as u64)? {
+        self.each_changed_run(ci, off, buf.len() as u64, |s, e| {
             let a = (s - off) as usize;
             let b = (e - off) as usize;
             buf[done..a].fill(0);
             self.current.read(s, &mut buf[a..b])?;
             done = b;
-        }
+            Ok(())
+        })?;
         buf[done..].fill(0);
         Ok(())
     }
@@ -235,7 +240,6 @@ impl Engine {
                 )
             };
             let size = self.model.disk_size();
-            let g = self.granularity(ci);
             let mut out = String::new();
             let mut pending: Option<(u64, u64, bool)> = None;
             let flush = |out: &mut String, (o, l, z): (u64, u64, bool)| {
@@ -246,21 +250,15 @@ impl Engine {
                 }
                 if need > out.capacity() {
                     // Grow by doubling, but never past the limit.
-                    let cap = (out.capacity() * 2).clamp(4096, limit as usize).max(need);
+                    // (Not `clamp`: the limit left may be below 4096.)
+                    let cap = (out.capacity() * 2).max(4096).min(limit as usize).max(need);
                     out.reserve_exact(cap - out.len());
                 }
                 out.push_str(&line);
                 Ok(())
             };
-            let mut b = 0;
-            while b * g < size {
-                let Some(s) = self.next_block(ci, b, true)? else {
-                    break;
-                };
-                let e = self
-                    .next_block(ci, s, false)?
-                    .unwrap_or_else(|| self.total_blocks(ci));
-                let (mut at, end) = (s * g, (e * g).min(size));
+            self.each_changed_run(ci, 0, size, |s, end| {
+                let mut at = s;
                 while at < end {
                     let (r, n) = self.current.resolve(at, end - at)?;
                     let n = n.max(1);
@@ -275,8 +273,8 @@ impl Engine {
                     }
                     at += n;
                 }
-                b = e;
-            }
+                Ok(())
+            })?;
             if let Some(p) = pending {
                 flush(&mut out, p)?;
             }
