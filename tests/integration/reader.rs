@@ -7,6 +7,7 @@ use crate::common::*;
 use ckptfs::chain::{Chain, Disk};
 use ckptfs::qcow2::{BitmapCluster, Mapping, Table};
 use std::path::Path;
+use std::sync::Arc;
 
 /// Random ranges compared per view, on top of the whole-disk compare.
 const RANGES: usize = 40;
@@ -844,4 +845,46 @@ fn l2_table_boundaries() {
         qemu_io(d, "top.qcow2", &[z.as_str(), w3.as_str()]);
         check_chain(&d.join("top.qcow2"), RANGES);
     }
+}
+
+/// The extents text stays within a quarter of the engine's cache budget, including a budget
+/// below one 4 KiB allocation step: same text as with a large budget while it fits, EFBIG
+/// (ErrorKind::TooLarge) once it does not.
+#[test]
+fn extents_within_a_small_budget() {
+    use ckptfs::checkpoint::{Engine, Model};
+    use ckptfs::ErrorKind;
+    let t = tempdir();
+    let d = t.path();
+    create(d, "e.qcow2", "64M", "", None);
+    qemu_img(d, &["bitmap", "--add", "e.qcow2", "c1"]);
+    // 200 separate 64 KiB runs: about 3 KiB of extents text.
+    let writes: Vec<String> = (0..200)
+        .map(|i| format!("write -P 1 {}k 64k", i * 256))
+        .collect();
+    let cmds: Vec<&str> = writes.iter().map(String::as_str).collect();
+    qemu_io(d, "e.qcow2", &cmds);
+    let engine = |budget: u64| {
+        let chain = open_chain(&d.join("e.qcow2"));
+        Engine::new(Arc::new(Model::build(chain, &Default::default())), budget)
+    };
+    let big = engine(64 << 20);
+    let ci = big
+        .model
+        .checkpoints
+        .iter()
+        .position(|c| c.name == "c1")
+        .unwrap();
+    let want = big.extents(ci).unwrap();
+    assert_eq!(want.lines().count(), 200);
+    let fits = engine(4 * (want.len() as u64 + 100));
+    assert_eq!(
+        fits.extents(ci).unwrap(),
+        want,
+        "a budget just above the text"
+    );
+    let small = engine(4 * 1000);
+    let e = small.extents(ci).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::TooLarge, "{e}");
+    assert!(e.to_string().contains("c1/extents"), "{e}");
 }
