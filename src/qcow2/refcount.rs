@@ -6,6 +6,7 @@
 
 use super::bytes::u64_table;
 use super::guard::Guard;
+use super::header::check_region;
 use super::image::Qcow2Image;
 use crate::error::{Error, Result};
 use std::collections::HashMap;
@@ -81,12 +82,9 @@ impl Refcounts {
             .map(|e| e & OFFSET_MASK)
             .filter(|&o| o != 0)
             .collect();
+        let file_len = file.metadata().map_err(|e| io("stat", e))?.len();
         for off in offs {
-            if off % cs != 0 {
-                return Err(Error::corrupt(format!(
-                    "refcount block offset {off:#x} is not cluster aligned"
-                )));
-            }
+            check_region("refcount block", off, cs, cs, file_len)?;
             self.protect(file, off, cs, "refcount block")?;
         }
         Ok(())
