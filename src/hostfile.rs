@@ -108,3 +108,36 @@ pub fn stamp(file: &File) -> std::io::Result<Stamp> {
     };
     Ok((len, m.mtime(), m.mtime_nsec()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ErrorKind;
+
+    fn refused_as(path: &Path, what: &str) {
+        let e = open(path, false).expect_err("not a layer");
+        assert_eq!(e.kind, ErrorKind::Invalid, "{e}");
+        assert!(e.msg.contains(what), "{e}");
+        assert!(e.msg.contains(&path.display().to_string()), "{e}");
+    }
+
+    #[test]
+    fn only_files_and_block_devices_open() {
+        let d = tempfile::tempdir().unwrap();
+        let fifo = d.path().join("f");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo with a NUL-terminated path that lives across the call.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        refused_as(&fifo, "is a FIFO");
+        refused_as(d.path(), "is a directory");
+        refused_as(Path::new("/dev/null"), "is a character device");
+        let file = d.path().join("raw");
+        std::fs::write(&file, [7u8; 1000]).unwrap();
+        let f = open(&file, false).unwrap();
+        assert_eq!(size(&f).unwrap(), 1000);
+        assert_eq!(device_size(&f).unwrap(), None);
+        assert_eq!(stamp(&f).unwrap().0, 1000);
+        let missing = open(&d.path().join("none"), false).expect_err("missing");
+        assert_eq!(missing.kind, ErrorKind::NotFound);
+    }
+}
