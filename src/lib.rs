@@ -2,6 +2,7 @@
 //!
 //! - [`qcow2`]: the format, one parser per on-disk structure, and an open image.
 //! - [`chain`]: backing chains, reads through them, QEMU-compatible locks.
+//! - [`hostfile`]: the files layers live in (regular files, block devices) and their sizes.
 //! - [`checkpoint`]: the checkpoint model, since-sets and their cache, renderings.
 //! - [`fs`]: the mounted tree (a testable core and a thin fuser adapter).
 //! - [`cli`]: command line, options, daemonizing, `ckptfs ls`.
@@ -11,6 +12,7 @@ pub mod checkpoint;
 pub mod cli;
 pub mod error;
 pub mod fs;
+pub mod hostfile;
 pub mod qcow2;
 
 pub use error::{Error, ErrorKind, Result};

@@ -1,10 +1,12 @@
 //! QEMU-compatible image locks (block/file-posix.c): one-byte OFD read locks, byte 100+p for
 //! "I hold permission p" and 200+p for "I do not share p" (p: 0 consistent read, 1 write,
-//! 2 write-unchanged, 3 resize). Locks live as long as the returned `ImageLocks`.
+//! 2 write-unchanged, 3 resize). Locks live as long as the returned `ImageLocks`. On a block
+//! device they sit on the device node, as QEMU's host_device driver puts them.
 
 use super::open::Chain;
 use crate::error::{Error, ErrorKind, Result};
-use std::fs::{File, OpenOptions};
+use crate::hostfile;
+use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::Path;
 
@@ -55,11 +57,7 @@ fn describe(byte: i64) -> &'static str {
 }
 
 fn lock_one(path: &Path, write: bool, hold: &[i64], test: &[i64]) -> Result<File> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(write)
-        .open(path)
-        .map_err(|e| Error::io(format!("{}: open for locking", path.display()), e))?;
+    let file = hostfile::open(path, write)?;
     for &b in hold {
         ofd(&file, libc::F_OFD_SETLK, libc::F_RDLCK, b).map_err(|e| {
             let kind = if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EACCES)) {
@@ -122,7 +120,7 @@ pub fn lock_chain(chain: &Chain, mode: LockMode) -> Result<ImageLocks> {
 
 /// Does another process hold write permission on `path` (a running QEMU writer)?
 pub fn writer_present(path: &Path) -> bool {
-    let Ok(file) = File::open(path) else {
+    let Ok(file) = hostfile::open(path, false) else {
         return false;
     };
     ofd(&file, libc::F_OFD_GETLK, libc::F_WRLCK, HOLD + PERM_WRITE)

@@ -2,6 +2,8 @@
 //! names them (as QEMU does), raw or qcow2 backing files, loops detected by (st_dev, st_ino).
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::hostfile;
+use crate::qcow2::header::BackingName;
 use crate::qcow2::image::read_exact_or_zero;
 use crate::qcow2::{Mapping, Qcow2Image, Table};
 use std::fs::File;
@@ -17,11 +19,12 @@ const MAX_DEPTH: usize = 1000;
 #[derive(Debug)]
 pub enum LayerKind {
     Qcow2(Box<Qcow2Image>),
-    /// A raw file: virtual size is the file size rounded up to 512 bytes.
+    /// A raw file or block device: virtual size is its size (a device's as QEMU takes it)
+    /// rounded up to 512 bytes.
     Raw {
         file: File,
         size: u64,
-        /// The file's real length: the tail up to `size` reads as zeros (QEMU maps it so).
+        /// The real length: the tail up to `size` reads as zeros (QEMU maps it so).
         len: u64,
     },
 }
@@ -33,12 +36,12 @@ pub struct Layer {
     pub path: PathBuf,
     pub kind: LayerKind,
     /// The backing name as written in this image, and the format it names.
-    pub backing_name: Option<String>,
+    pub backing_name: Option<BackingName>,
     pub backing_format: Option<String>,
     /// Guest bytes read from this layer (for stats.json).
     pub bytes_read: std::sync::atomic::AtomicU64,
-    /// (length, mtime seconds, mtime nanoseconds) when opened, to notice changes underneath.
-    pub opened: (u64, i64, i64),
+    /// The file's size and mtime when opened, to notice changes underneath.
+    pub opened: hostfile::Stamp,
 }
 
 impl Layer {
@@ -118,24 +121,6 @@ fn probe_is_qcow2(file: &File) -> Result<bool> {
     Ok(u32::from_be_bytes(magic) == crate::qcow2::header::MAGIC)
 }
 
-fn open_file(path: &Path, write: bool) -> Result<File> {
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(write)
-        .open(path)
-        .map_err(|e| {
-            Error::path(
-                path,
-                if write {
-                    "cannot open for writing"
-                } else {
-                    "cannot open"
-                },
-                e,
-            )
-        })
-}
-
 impl Chain {
     /// Open `top` (which must be qcow2 or raw) and every backing file below it, read-only.
     pub fn open(top: &Path) -> Result<Chain> {
@@ -147,11 +132,11 @@ impl Chain {
     pub fn open_with(top: &Path, write_top: bool) -> Result<Chain> {
         let mut layers: Vec<Arc<Layer>> = Vec::new();
         let mut seen: Vec<(u64, u64)> = Vec::new();
-        let mut next: Option<(PathBuf, Option<String>, String)> = None;
+        let mut next: Option<(PathBuf, Option<String>, BackingName)> = None;
         let mut path = top.to_path_buf();
         let mut format: Option<String> = None;
         loop {
-            let file = match open_file(&path, write_top && layers.is_empty()) {
+            let file = match hostfile::open(&path, write_top && layers.is_empty()) {
                 Ok(f) => f,
                 Err(e) => {
                     return Err(match &next {
@@ -171,12 +156,8 @@ impl Chain {
             let meta = file
                 .metadata()
                 .map_err(|e| Error::io(format!("{}: stat", path.display()), e))?;
-            if meta.is_dir() {
-                return Err(Error::invalid(format!(
-                    "{}: is a directory, not an image",
-                    path.display()
-                )));
-            }
+            let opened = hostfile::stamp(&file)
+                .map_err(|e| Error::io(format!("{}: size", path.display()), e))?;
             let id = (meta.dev(), meta.ino());
             if seen.contains(&id) {
                 let (parent, _, name) = next.as_ref().expect("a repeat needs a parent");
@@ -204,7 +185,7 @@ impl Chain {
                 None => probe_is_qcow2(&file).map_err(|e| e.context(path.display()))?,
             };
             if layers.is_empty() && !is_qcow2 {
-                let what = if meta.len() == 0 {
+                let what = if opened.0 == 0 {
                     "empty file, not a qcow2 image"
                 } else {
                     "not a qcow2 image (no QFI\\xfb magic)"
@@ -221,21 +202,18 @@ impl Chain {
                     backing_name,
                     backing_format,
                     bytes_read: Default::default(),
-                    opened: (meta.len(), meta.mtime(), meta.mtime_nsec()),
+                    opened,
                 }
             } else {
-                let size = meta.len().div_ceil(512) * 512;
+                let len = opened.0;
+                let size = len.div_ceil(512) * 512;
                 Layer {
                     path: path.clone(),
-                    kind: LayerKind::Raw {
-                        file,
-                        size,
-                        len: meta.len(),
-                    },
+                    kind: LayerKind::Raw { file, size, len },
                     backing_name: None,
                     backing_format: None,
                     bytes_read: Default::default(),
-                    opened: (meta.len(), meta.mtime(), meta.mtime_nsec()),
+                    opened,
                 }
             };
             let backing = layer.backing_name.clone();
@@ -244,7 +222,7 @@ impl Chain {
             match backing {
                 None => break,
                 Some(name) => {
-                    let resolved = resolve_backing(&path, &name);
+                    let resolved = resolve_backing(&path, name.as_path());
                     next = Some((path.clone(), format.clone(), name));
                     path = resolved;
                 }
@@ -261,13 +239,15 @@ impl Chain {
                 LayerKind::Qcow2(q) => q.file(),
                 LayerKind::Raw { file, .. } => file,
             };
-            let Ok(m) = file.metadata() else { continue };
-            if (m.len(), m.mtime(), m.mtime_nsec()) != l.opened {
+            let Ok(now) = hostfile::stamp(file) else {
+                continue;
+            };
+            if now != l.opened {
                 return Some(format!(
                     "{} changed after it was mounted (size {} -> {}, mtime changed); remount to see its new content",
                     l.path.display(),
                     l.opened.0,
-                    m.len()
+                    now.0
                 ));
             }
         }
@@ -281,8 +261,7 @@ impl Chain {
 
 /// Resolve a backing name as QEMU does: absolute names as they are, relative ones against the
 /// directory of the image that stores them (not the current directory).
-pub fn resolve_backing(image: &Path, name: &str) -> PathBuf {
-    let p = Path::new(name);
+pub fn resolve_backing(image: &Path, p: &Path) -> PathBuf {
     if p.is_absolute() {
         return p.to_path_buf();
     }

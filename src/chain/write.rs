@@ -31,6 +31,9 @@ pub struct Writer {
     pub(super) dir: Option<(u64, u64)>,
     /// The bitmaps extension is consistent (autoclear bit set, or ckptfs created it).
     pub(super) bitmaps_ok: bool,
+    /// Host clusters the write in progress allocated and no entry points at yet: released if
+    /// it fails (ENOSPC on a device), so a failed write leaks nothing.
+    fresh: Vec<u64>,
     closed: bool,
 }
 
@@ -90,6 +93,7 @@ impl Writer {
                 .bitmaps
                 .map(|b| (b.bitmap_directory_offset, b.bitmap_directory_size)),
             bitmaps_ok: autoclear_ok,
+            fresh: Vec::new(),
             closed: false,
         };
         if fix_autoclear {
@@ -203,12 +207,27 @@ impl Writer {
         }
     }
 
-    /// A new host cluster (refcount 1).
+    /// A new host cluster (refcount 1), released again if the write fails before it is used.
     fn alloc(&mut self) -> Result<u64> {
         let q = self.chain.top().qcow2().expect("qcow2");
         let off = self.rc.alloc(q.file())?;
         q.note_file_end(off + q.geo.cluster_size());
+        self.fresh.push(off);
         Ok(off)
+    }
+
+    /// After a write: on failure, give back the clusters it allocated that nothing points at.
+    fn settle(&mut self, r: Result<()>) -> Result<()> {
+        let fresh = std::mem::take(&mut self.fresh);
+        if r.is_err() {
+            let q = self.chain.top().qcow2().expect("qcow2");
+            for off in fresh {
+                if let Err(e) = self.rc.decrement(q.file(), off >> q.geo.cluster_bits) {
+                    log::error!("{}: releasing cluster {off:#x}: {e}", q.path.display());
+                }
+            }
+        }
+        r
     }
 
     /// An unshared, allocated, non-compressed host cluster guest cluster `gc`'s entry owns, if
@@ -233,6 +252,11 @@ impl Writer {
 
     /// Write `data` at guest offset `off`.
     pub fn write(&mut self, off: u64, data: &[u8]) -> Result<()> {
+        let r = self.write_clusters(off, data);
+        self.settle(r)
+    }
+
+    fn write_clusters(&mut self, off: u64, data: &[u8]) -> Result<()> {
         self.check_range(off, data.len() as u64)?;
         let cs = self.q().geo.cluster_size();
         let extended = self.q().geo.extended;
@@ -352,7 +376,8 @@ impl Writer {
         if updates.is_empty() {
             return Ok(());
         }
-        let q = self.chain.top().qcow2().expect("qcow2");
+        let chain = self.chain.clone();
+        let q = chain.top().qcow2().expect("qcow2");
         let file = q.file();
         let per = q.geo.l2_entries();
         let words = if q.geo.extended { 2 } else { 1 };
@@ -367,8 +392,7 @@ impl Writer {
             let l2 = q.l2_offset(Table::Active, l1_idx)?;
             let fresh = l2 == 0;
             let (l2, mut table) = if fresh {
-                let t = self.rc.alloc(file)?;
-                q.note_file_end(t + q.geo.cluster_size());
+                let t = self.alloc()?;
                 self.rc.protect(file, t, q.geo.cluster_size(), "L2 table")?;
                 (t, vec![0u64; (per * words) as usize])
             } else {
@@ -397,6 +421,8 @@ impl Writer {
         if allocated || !new_tables.is_empty() {
             file.sync_data().map_err(|e| wio("flush", e))?;
         }
+        // From here entries point at the new clusters: a failure leaves leaks at most.
+        self.fresh.clear();
         for (l2, idxs, table) in edits {
             for i in idxs {
                 let w = (i * words) as usize;

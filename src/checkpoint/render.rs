@@ -31,7 +31,7 @@ pub fn chain_json(chain: &Chain) -> Value {
                 "format": l.format(),
                 "virtual_size": l.size(Table::Active),
                 "cluster_size": l.cluster_size(),
-                "backing_file": l.backing_name,
+                "backing_file": l.backing_name.as_ref().map(ToString::to_string),
                 "backing_file_resolved": resolved,
                 "backing_format": l.backing_format,
                 "bitmaps": l.qcow2().map_or(0, |q| q.bitmaps().len()),

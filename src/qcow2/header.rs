@@ -30,6 +30,35 @@ const MAX_REFTABLE_BYTES: u64 = 8 << 20;
 /// QEMU's limit on internal snapshots.
 pub const MAX_SNAPSHOTS: u32 = 65536;
 
+/// A backing file name as stored: any bytes (QEMU takes them as a C string, so need not be
+/// UTF-8). Paths are made from the bytes; people see them lossily.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BackingName(Vec<u8>);
+
+impl BackingName {
+    /// Every stored byte (what a header rewrite writes back).
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The name as QEMU uses it: up to the first NUL byte, as a path.
+    pub fn as_path(&self) -> &std::path::Path {
+        use std::os::unix::ffi::OsStrExt;
+        let end = self.0.iter().position(|&b| b == 0).unwrap_or(self.0.len());
+        std::path::Path::new(std::ffi::OsStr::from_bytes(&self.0[..end]))
+    }
+}
+
+impl std::fmt::Display for BackingName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.as_path().to_string_lossy().fmt(f)
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CompressionType {
     Deflate,
@@ -66,7 +95,7 @@ pub struct Header {
     pub header_length: u32,
     pub compression_type: CompressionType,
     /// The backing file name as written in the image.
-    pub backing_file: Option<String>,
+    pub backing_file: Option<BackingName>,
     /// The backing-format extension, if present.
     pub backing_format: Option<String>,
     pub bitmaps: Option<BitmapsExt>,
@@ -352,7 +381,7 @@ impl Header {
         .map_err(|_| {
             Error::corrupt("truncated: backing file name lies past the end of the file")
         })?;
-        self.backing_file = Some(string_field(name, "backing file name")?);
+        self.backing_file = Some(BackingName(name.to_vec()));
         Ok(())
     }
 }
@@ -474,7 +503,15 @@ mod tests {
         b[136..144].copy_from_slice(b"base.img");
         let h = Header::parse(&b[..65536], b.len() as u64).unwrap();
         assert_eq!(h.backing_format.as_deref(), Some("qcow2"));
-        assert_eq!(h.backing_file.as_deref(), Some("base.img"));
+        let name = h.backing_file.expect("a backing name");
+        assert_eq!(name.as_path(), std::path::Path::new("base.img"));
+        // Any bytes are a name (QEMU takes them as a C string): kept, shown lossily.
+        b[136..144].copy_from_slice(b"b\xffse\0img");
+        let h = Header::parse(&b[..65536], b.len() as u64).unwrap();
+        let name = h.backing_file.expect("a non-UTF-8 backing name");
+        assert_eq!(name.as_bytes(), b"b\xffse\0img");
+        assert_eq!(name.as_path().as_os_str().len(), 4);
+        assert_eq!(name.to_string(), "b\u{fffd}se");
         // An extension whose length runs off the cluster.
         b[116..120].copy_from_slice(&70000u32.to_be_bytes());
         assert!(Header::parse(&b[..65536], b.len() as u64).is_err());

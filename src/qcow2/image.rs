@@ -160,7 +160,7 @@ impl Qcow2Image {
     }
 
     fn open_inner(path: &Path, file: File) -> Result<Qcow2Image> {
-        let file_len = file.metadata().map_err(|e| Error::io("stat", e))?.len();
+        let file_len = crate::hostfile::size(&file).map_err(|e| Error::io("stat", e))?;
         let first = read_cluster0(&file, file_len).map_err(|e| Error::io("read header", e))?;
         let header = Header::parse(&first, file_len)?;
         let geo = Geometry {

@@ -2,7 +2,9 @@
 //! Allocation follows QEMU's rules: refcount blocks describe `per_block` clusters each; a block
 //! for a range nobody uses yet is placed in the first cluster of that range and counts itself;
 //! a full table is replaced by a larger one placed in a fresh range, switched in by one header
-//! write. Every change is written through (the caller decides when to flush).
+//! write. Every change is written through (the caller decides when to flush). An image on a
+//! block device cannot grow: a cluster past the device's end is ENOSPC, refused before anything
+//! is written.
 
 use super::bytes::u64_table;
 use super::guard::Guard;
@@ -26,6 +28,8 @@ pub struct Refcounts {
     next_free: u64,
     /// Clusters holding metadata: counted (so never handed out) and never written with data.
     guard: Guard,
+    /// The size of the block device the image lives on (None: a file, which grows).
+    device: Option<u64>,
 }
 
 fn io(what: &str, e: std::io::Error) -> Error {
@@ -40,6 +44,7 @@ impl Refcounts {
         let mut buf = vec![0u8; n as usize];
         super::image::read_exact_or_zero(img.file(), h.refcount_table_offset, &mut buf)
             .map_err(|e| io("read refcount table", e))?;
+        let device = crate::hostfile::device_size(img.file()).map_err(|e| io("stat", e))?;
         Ok(Refcounts {
             cluster_bits: h.cluster_bits,
             bits: 1 << h.refcount_order,
@@ -49,7 +54,21 @@ impl Refcounts {
             blocks: HashMap::new(),
             next_free: 1,
             guard: Guard::default(),
+            device,
         })
+    }
+
+    /// Clusters `[c0, c1)` can be used: on a block device they lie inside it.
+    fn room(&self, c0: u64, c1: u64) -> Result<()> {
+        match self.device {
+            Some(size) if c1 > size >> self.cluster_bits => Err(Error::io(
+                format!(
+                    "no room for clusters {c0}..{c1} on the block device ({size} bytes; it cannot grow)"
+                ),
+                std::io::Error::from_raw_os_error(libc::ENOSPC),
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// `[off, off+len)` holds `what`: refused if it overlaps other metadata or any of its
@@ -82,7 +101,7 @@ impl Refcounts {
             .map(|e| e & OFFSET_MASK)
             .filter(|&o| o != 0)
             .collect();
-        let file_len = file.metadata().map_err(|e| io("stat", e))?.len();
+        let file_len = crate::hostfile::size(file).map_err(|e| io("stat", e))?;
         for off in offs {
             check_region("refcount block", off, cs, cs, file_len)?;
             self.protect(file, off, cs, "refcount block")?;
@@ -207,6 +226,7 @@ impl Refcounts {
         let per = self.per_block();
         let mut c = self.next_free.max(1);
         loop {
+            self.room(c, c + 1)?;
             let ti = c / per;
             if ti >= self.table.len() as u64 {
                 self.grow(file)?;
@@ -228,6 +248,7 @@ impl Refcounts {
                 continue;
             }
             c = ti * per + i;
+            self.room(c, c + 1)?;
             self.set(file, c, 1)?;
             self.next_free = c + 1;
             return Ok(c << self.cluster_bits);
@@ -242,6 +263,7 @@ impl Refcounts {
         let per = self.per_block();
         let mut start = self.next_free.max(1);
         'search: loop {
+            self.room(start, start + n)?;
             for k in 0..n {
                 let c = start + k;
                 let ti = c / per;
@@ -269,6 +291,7 @@ impl Refcounts {
     fn new_block_for_range(&mut self, file: &File, ti: u64) -> Result<()> {
         let per = self.per_block();
         let base = ti * per;
+        self.room(base, base + 1)?;
         let off = base << self.cluster_bits;
         let mut b = vec![0u8; self.cs() as usize];
         Self::set_in(&mut b, 0, self.bits, 1);
@@ -298,6 +321,7 @@ impl Refcounts {
             ));
         }
         let base = old_entries * per; // first cluster of the first undescribed range
+        self.room(base, base + 1 + new_clusters)?;
         let block_off = base << self.cluster_bits;
         let table_off = (base + 1) << self.cluster_bits;
         let mut block = vec![0u8; cs as usize];

@@ -1,4 +1,5 @@
 //! Integration tests: one binary, one module per area.
+mod blockdev;
 mod checkpoints_rw;
 mod common;
 mod contrib;
