@@ -49,6 +49,14 @@ impl Layer {
         }
     }
 
+    /// The open file this layer reads.
+    pub fn file(&self) -> &File {
+        match &self.kind {
+            LayerKind::Qcow2(q) => q.file(),
+            LayerKind::Raw { file, .. } => file,
+        }
+    }
+
     pub fn qcow2(&self) -> Option<&Qcow2Image> {
         match &self.kind {
             LayerKind::Qcow2(q) => Some(q),
@@ -257,11 +265,9 @@ impl Chain {
     /// from `first` down are checked (1 skips the top, for rw and force_share mounts).
     pub fn changed_underneath(&self, first: usize) -> Option<String> {
         for l in self.layers.iter().skip(first) {
-            let file = match &l.kind {
-                LayerKind::Qcow2(q) => q.file(),
-                LayerKind::Raw { file, .. } => file,
+            let Ok(m) = l.file().metadata() else {
+                continue;
             };
-            let Ok(m) = file.metadata() else { continue };
             if (m.len(), m.mtime(), m.mtime_nsec()) != l.opened {
                 return Some(format!(
                     "{} changed after it was mounted (size {} -> {}, mtime changed); remount to see its new content",
