@@ -1,6 +1,7 @@
 //! Integration tests: one binary, one module per area.
 mod checkpoints_rw;
 mod common;
+mod confine;
 mod contrib;
 mod faults;
 mod hostile;
