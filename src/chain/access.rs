@@ -109,6 +109,14 @@ impl Perms {
         }
     }
 
+    fn matching(&self, f: impl Fn(Tag) -> bool) -> Vec<(Tag, u16)> {
+        self.entries
+            .iter()
+            .copied()
+            .filter(|&(t, _)| f(t))
+            .collect()
+    }
+
     /// Does `who` get `want` (READ or SEARCH) on this file? For one user, the kernel's
     /// algorithm (owner, named user, any matching group, other; root always); for a class,
     /// only if every user that may belong to it does.
@@ -123,25 +131,26 @@ impl Perms {
         match who {
             Who::User { uid: 0, .. } => true,
             Who::User { uid, groups } => {
-                let mut in_group = false;
-                for &(t, p) in &self.entries {
-                    let matched = match t {
-                        Tag::UserObj if uid == self.uid => return grants(t, p),
-                        Tag::User(id) if id == uid => return grants(t, p),
-                        Tag::GroupObj => groups.contains(&self.gid),
-                        Tag::Group(id) => groups.contains(&id),
-                        _ => false,
-                    };
-                    if matched && grants(t, p) {
-                        return true;
-                    }
-                    in_group |= matched;
+                // The first class that matches decides: owner, named user, groups, other.
+                let mine = self.matching(|t| match t {
+                    Tag::UserObj => uid == self.uid,
+                    Tag::User(id) => id == uid,
+                    _ => false,
+                });
+                if let Some(&(t, p)) = mine.first() {
+                    return grants(t, p);
                 }
-                !in_group
-                    && self
-                        .entries
-                        .iter()
-                        .any(|&(t, p)| t == Tag::Other && grants(t, p))
+                let ours = self.matching(|t| match t {
+                    Tag::GroupObj => groups.contains(&self.gid),
+                    Tag::Group(id) => groups.contains(&id),
+                    _ => false,
+                });
+                if !ours.is_empty() {
+                    return ours.iter().any(|&(t, p)| grants(t, p));
+                }
+                self.matching(|t| t == Tag::Other)
+                    .iter()
+                    .any(|&(t, p)| grants(t, p))
             }
             // A member of the file's own group matches its group entries, never `Other`.
             Who::Members(gid) => all(false) || (gid == self.gid && all(true)),
@@ -442,6 +451,17 @@ mod tests {
         };
         assert!(grant(4));
         assert!(!grant(0));
+        // Entries out of the kernel's order: the named user still decides before any group.
+        let a = acl(&[
+            (0x08, 4, 77),
+            (0x20, 4, u32::MAX),
+            (0x04, 4, u32::MAX),
+            (0x02, 0, U),
+            (0x01, 6, u32::MAX),
+        ]);
+        assert!(!Perms::from_acl(0, 0, &a)
+            .unwrap()
+            .allows(user(&[77, 0]), READ));
     }
 
     #[test]
