@@ -3,8 +3,9 @@
 //!
 //! 1. `allow_other_refuses_layers_the_owner_cannot_read`: a user's image backed by a root-only
 //!    file (absolute name, symlink, `../`, a probed raw with no backing format, a 0644 file in a
-//!    0700 directory): root's `-o allow_other` mount is refused with one line naming the layer;
-//!    without allow_other only root enters, and the same image mounts.
+//!    0700 directory, a 0644 file whose ACL denies the user): root's `-o allow_other` mount is
+//!    refused with one line naming the layer; ACLs that grant the user r (file) and x
+//!    (directory) let the mount go ahead; without allow_other only root enters.
 //! 2. `allow_other_tree_bits_are_anded_over_layers`: a user's own 0600 chain is readable by
 //!    that user through root's allow_other mount and by no other user; the tree keeps the group
 //!    (other) read bit only when every layer grants it to that whole class.
@@ -147,6 +148,85 @@ fn allow_other_refuses_layers_the_owner_cannot_read() {
         );
     }
 
+    // POSIX ACLs decide where present (set as xattrs: no setfacl needed). A 0644 file whose ACL
+    // names the user with no rights is refused; a root-only file in a root-only directory whose
+    // ACLs give the user r and x is theirs: the mount goes ahead, the user reads, nobody else.
+    let denied_acl = d.join("denied.raw");
+    std::fs::write(&denied_acl, common::varied_data(1 << 20, 9)).unwrap();
+    set_acl(
+        &denied_acl,
+        &[
+            (1, 6, 0),
+            (2, 0, user.0),
+            (4, 4, 0),
+            (0x10, 4, 0),
+            (0x20, 4, 0),
+        ],
+    );
+    create(d, "acl-denied.qcow2", "", "", Some(("denied.raw", "raw")));
+    let top = d.join("acl-denied.qcow2");
+    chown(&top, user.0, user.1);
+    let msg = expect_refusal(
+        &top,
+        &mount_dir(d, "mnt-acl-denied"),
+        Some("allow_other"),
+        &[],
+    );
+    assert!(
+        msg.contains("denied.raw: not readable by the owner"),
+        "{msg}"
+    );
+    let granted = d.join("private/granted.raw");
+    std::fs::write(&granted, common::varied_data(1 << 20, 10)).unwrap();
+    set_acl(
+        &granted,
+        &[
+            (1, 6, 0),
+            (2, 4, user.0),
+            (4, 0, 0),
+            (0x10, 4, 0),
+            (0x20, 0, 0),
+        ],
+    );
+    let dir_acl = [
+        (1, 7, 0),
+        (2, 1, user.0),
+        (4, 0, 0),
+        (0x10, 1, 0),
+        (0x20, 0, 0),
+    ];
+    set_acl(&d.join("private"), &dir_acl);
+    create(
+        d,
+        "acl-granted.qcow2",
+        "",
+        "",
+        Some(("private/granted.raw", "raw")),
+    );
+    let top = d.join("acl-granted.qcow2");
+    chown(&top, user.0, user.1);
+    let mnt = Mount::new(&top, &mount_dir(d, "mnt-acl-granted"), Some("allow_other"));
+    let disk = mnt.path("current/disk.img");
+    assert_eq!(
+        metadata(&disk).mode() & 0o777,
+        0o400,
+        "only the owner's bit is kept"
+    );
+    let got = other_reads(user, &disk, "ACL granted");
+    common::assert_same(
+        &got,
+        &common::truth_raw(&top),
+        0,
+        "the user reads the granted layer",
+    );
+    assert_denied(
+        STRANGER,
+        "cat",
+        &[disk.as_os_str()],
+        "ACL granted: a stranger",
+    );
+    mnt.unmount();
+
     // Without allow_other only root (the mounter) enters: the same image mounts, root reads the
     // chain as QEMU does, the user cannot even stat inside.
     let top = d.join("abs.qcow2");
@@ -155,6 +235,28 @@ fn allow_other_refuses_layers_the_owner_cannot_read() {
     assert_eq!(read(&disk), common::truth_raw(&top), "root reads the chain");
     assert_denied(user, "stat", &[disk.as_os_str()], "no allow_other: stat");
     mnt.unmount();
+}
+
+/// Give `path` this POSIX access ACL: (tag, perm, id) entries in the kernel's order.
+fn set_acl(path: &Path, entries: &[(u16, u16, u32)]) {
+    let mut v = 2u32.to_le_bytes().to_vec();
+    for &(tag, perm, id) in entries {
+        let id = if tag == 2 || tag == 8 { id } else { u32::MAX };
+        v.extend_from_slice(&tag.to_le_bytes());
+        v.extend_from_slice(&perm.to_le_bytes());
+        v.extend_from_slice(&id.to_le_bytes());
+    }
+    let p = CString::new(path.as_os_str().as_bytes()).unwrap();
+    let name = c"system.posix_acl_access";
+    // SAFETY: NUL-terminated names and a buffer of `v.len()` bytes that outlive the call.
+    let r = unsafe { libc::setxattr(p.as_ptr(), name.as_ptr(), v.as_ptr().cast(), v.len(), 0) };
+    assert_eq!(
+        r,
+        0,
+        "set an ACL on {}: {}",
+        path.display(),
+        std::io::Error::last_os_error()
+    );
 }
 
 /// A two-layer chain (base <- top) of `owner`'s files, with a layer checkpoint for the base.
