@@ -1,7 +1,7 @@
 //! ckptfs: mount a qcow2 backing chain offline and see its checkpoints as files.
 //!
 //! - [`qcow2`]: the format, one parser per on-disk structure, and an open image.
-//! - [`chain`]: backing chains, reads through them, QEMU-compatible locks.
+//! - [`chain`]: backing chains, reads through them, QEMU-compatible locks, who may read them.
 //! - [`hostfile`]: the files layers live in (regular files, block devices) and their sizes.
 //! - [`checkpoint`]: the checkpoint model, since-sets and their cache, renderings.
 //! - [`fs`]: the mounted tree (a testable core and a thin fuser adapter).

@@ -1,6 +1,7 @@
-//! Backing chains: opening the files a top image names, reading through them, and the
-//! QEMU-compatible image locks held while mounted.
+//! Backing chains: opening the files a top image names, reading through them, the
+//! QEMU-compatible image locks held while mounted, and who may read their bytes.
 
+pub mod access;
 pub mod bitmap_dir;
 pub mod lock;
 pub mod open;

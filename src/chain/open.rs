@@ -52,6 +52,14 @@ impl Layer {
         }
     }
 
+    /// The open file this layer reads.
+    pub fn file(&self) -> &File {
+        match &self.kind {
+            LayerKind::Qcow2(q) => q.file(),
+            LayerKind::Raw { file, .. } => file,
+        }
+    }
+
     pub fn qcow2(&self) -> Option<&Qcow2Image> {
         match &self.kind {
             LayerKind::Qcow2(q) => Some(q),
@@ -235,11 +243,7 @@ impl Chain {
     /// from `first` down are checked (1 skips the top, for rw and force_share mounts).
     pub fn changed_underneath(&self, first: usize) -> Option<String> {
         for l in self.layers.iter().skip(first) {
-            let file = match &l.kind {
-                LayerKind::Qcow2(q) => q.file(),
-                LayerKind::Raw { file, .. } => file,
-            };
-            let Ok(now) = hostfile::stamp(file) else {
+            let Ok(now) = hostfile::stamp(l.file()) else {
                 continue;
             };
             if now != l.opened {

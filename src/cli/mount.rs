@@ -4,6 +4,7 @@
 
 use super::options::MountOptions;
 use super::setup;
+use crate::chain::access;
 use crate::chain::lock::{self, LockMode};
 use crate::chain::write::Writer;
 use crate::error::{Error, ErrorKind, Result};
@@ -13,7 +14,6 @@ use crate::fs::{FsCore, MountInfo};
 use fuser::{Config, MountOption, SessionACL};
 use std::io::{Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -80,16 +80,19 @@ fn prepare(image: &Path, mountpoint: &Path, o: &MountOptions) -> Result<Prepared
     })?;
     let meta = std::fs::metadata(&image)
         .map_err(|e| Error::io(format!("{}: stat", image.display()), e))?;
+    // Before anything is written: other users must not read through the tree what the layer
+    // files would not let them read.
+    let owner = access::tree_owner(&engine.model.chain, o.allow_other)?;
     let info = MountInfo {
         options: serde_json::json!({
             "given": o.given, "rw": o.rw, "allow_other": o.allow_other,
-            "default_permissions": o.default_permissions, "force_share": o.force_share,
+            "default_permissions": o.default_permissions || o.allow_other, "force_share": o.force_share,
             "checkpoints": checkpoints.as_ref().map(|p| p.display().to_string()),
             "cache_mb": o.cache_mb, "live": live,
         }),
-        uid: meta.uid(),
-        gid: meta.gid(),
-        image_mode: meta.mode(),
+        uid: owner.uid,
+        gid: owner.gid,
+        image_mode: owner.mode,
         mtime: meta.modified().unwrap_or(std::time::SystemTime::UNIX_EPOCH),
         watch_from: usize::from(o.rw || o.force_share),
     };

@@ -44,6 +44,17 @@ pub struct Attr {
     pub nlink: u32,
 }
 
+/// A change of the tree that ckptfs refuses (see `FsCore::change_refused`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// A name added, removed or renamed (unlink, rename, create, mknod, link, symlink).
+    Entry,
+    /// An extended attribute set or removed.
+    Xattr,
+    /// A mode, owner or group changed (chmod, chown).
+    Owner,
+}
+
 /// Whence values of lseek that reach a FUSE filesystem.
 pub const SEEK_DATA: i32 = libc::SEEK_DATA;
 pub const SEEK_HOLE: i32 = libc::SEEK_HOLE;
@@ -628,6 +639,35 @@ impl FsCore {
         match self.writer {
             None => Err(Error::new(ErrorKind::ReadOnly, "read-only file system")),
             Some(_) => Err(Error::new(ErrorKind::Refused, "size changes are refused")),
+        }
+    }
+
+    /// The answer to a change of the tree other than mkdir/rmdir (unlink, rename, create,
+    /// mknod, link, symlink, setxattr, removexattr, chmod, chown): EROFS on a read-only mount
+    /// (the kernel answers so itself unless the mount was remounted rw); on an rw mount EPERM
+    /// (the tree is fixed: only mkdir/rmdir take and delete checkpoints), or EOPNOTSUPP for
+    /// extended attributes (there are none, so copy tools skip them quietly).
+    pub fn change_refused(&self, change: Change) -> Error {
+        match (&self.writer, change) {
+            (None, _) => Error::new(ErrorKind::ReadOnly, "read-only file system"),
+            (Some(_), Change::Entry) => Error::new(
+                ErrorKind::Refused,
+                "the tree is fixed: only mkdir and rmdir change it",
+            ),
+            (Some(_), Change::Owner) => Error::new(
+                ErrorKind::Refused,
+                "modes and owners follow the image files",
+            ),
+            (Some(_), Change::Xattr) => Error::unsupported("no extended attributes"),
+        }
+    }
+
+    /// utime/touch: accepted and ignored on rw mounts (times are the top image's, and `cp -p`
+    /// onto disk.img should not fail), EROFS on read-only ones.
+    pub fn set_times(&self) -> Result<()> {
+        match self.writer {
+            None => Err(Error::new(ErrorKind::ReadOnly, "read-only file system")),
+            Some(_) => Ok(()),
         }
     }
 

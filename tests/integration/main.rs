@@ -2,6 +2,7 @@
 mod blockdev;
 mod checkpoints_rw;
 mod common;
+mod confine;
 mod contrib;
 mod faults;
 mod hostile;

@@ -16,7 +16,7 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -1136,4 +1136,73 @@ pub fn assert_image_equals_raw(raw: &Path, image: &Path, what: &str) {
         r.stdout,
         r.stderr
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// Other users (permissions)
+
+/// uid and gid of `nobody` (or a `ckptfs-test` user, created when `nobody` is missing).
+pub fn other_user() -> (u32, u32) {
+    let find = |name: &str| -> Option<(u32, u32)> {
+        let pw = std::fs::read_to_string("/etc/passwd").ok()?;
+        pw.lines().find_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            if f.len() > 3 && f[0] == name {
+                Some((f[2].parse().ok()?, f[3].parse().ok()?))
+            } else {
+                None
+            }
+        })
+    };
+    if let Some(ids) = find("nobody") {
+        return ids;
+    }
+    if find("ckptfs-test").is_none() {
+        common::run("useradd", &["-M", "ckptfs-test"]);
+    }
+    find("ckptfs-test").expect("ckptfs-test user")
+}
+
+/// Run `cmd args` as the other user (setpriv, no supplementary groups; under `timeout`).
+pub fn as_other(ids: (u32, u32), cmd: &str, args: &[&OsStr]) -> Output {
+    let uid = format!("--reuid={}", ids.0);
+    let gid = format!("--regid={}", ids.1);
+    let mut a: Vec<&OsStr> = vec![
+        OsStr::new(&uid),
+        OsStr::new(&gid),
+        OsStr::new("--clear-groups"),
+        OsStr::new(cmd),
+    ];
+    a.extend_from_slice(args);
+    common::run_status_in(None, "setpriv", &a)
+}
+
+pub fn denied(o: &Output) -> bool {
+    !o.status.success() && String::from_utf8_lossy(&o.stderr).contains("Permission denied")
+}
+
+pub fn assert_denied(ids: (u32, u32), cmd: &str, args: &[&OsStr], what: &str) {
+    let o = as_other(ids, cmd, args);
+    assert!(
+        denied(&o),
+        "{what}: `{cmd} {args:?}` as uid {} should fail with EACCES; status {}, stdout {} bytes \
+         ({:?}...), stderr: {}",
+        ids.0,
+        o.status,
+        o.stdout.len(),
+        String::from_utf8_lossy(&o.stdout[..o.stdout.len().min(200)]),
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+pub fn other_reads(ids: (u32, u32), p: &Path, what: &str) -> Vec<u8> {
+    let o = as_other(ids, "cat", &[p.as_os_str()]);
+    assert!(
+        o.status.success(),
+        "{what}: uid {} should read {}: {}",
+        ids.0,
+        p.display(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o.stdout
 }
