@@ -52,11 +52,14 @@ fn in_own_repo() -> bool {
     }
 }
 
-/// Rerun when HEAD moves: the HEAD file (a branch switch or a detached checkout), the branch's
-/// ref file and packed-refs (a commit on the branch). Paths come from git, so a linked worktree
-/// (HEAD in .git/worktrees/NAME, refs in the main .git) works too.
+/// Rerun when HEAD moves: the HEAD file (a branch switch or a detached checkout), HEAD's reflog
+/// (every commit, reset or checkout, also when the branch ref is packed), the branch's ref file
+/// and packed-refs. Paths come from git, so a linked worktree (HEAD in .git/worktrees/NAME,
+/// refs in the main .git) works too.
 fn watch_head() {
-    let mut files = vec!["HEAD".to_string(), "packed-refs".to_string()];
+    let mut files = ["HEAD", "logs/HEAD", "packed-refs"]
+        .map(String::from)
+        .to_vec();
     files.extend(git(&["symbolic-ref", "-q", "HEAD"]));
     for f in files {
         if let Some(p) = git(&["rev-parse", "--git-path", &f]) {
