@@ -8,8 +8,10 @@
 //!   to start if a ckptfs package is already installed (not this test's to remove);
 //! - the package is built (`cargo deb --no-build`) from the binary under test, so any other
 //!   test that happens to find /usr/bin/ckptfs while it is installed runs the same code;
-//! - mount(8) and the scripts run with PATH=/usr/sbin:/usr/bin:/sbin:/bin: mount.rs links the
-//!   test binary as /usr/local/bin/ckptfs, which would otherwise come first.
+//! - mount.rs links the test binary as /usr/local/bin/ckptfs, ahead of /usr/bin in PATH: the
+//!   scripts and `ckptfs --version` run with PATH=/usr/sbin:/usr/bin:/sbin:/bin, and mount(8)
+//!   (which resets PATH to /usr/local/sbin:/usr/local/bin:...) runs in a private mount
+//!   namespace where /usr/local is empty (NsMount); nothing is hidden from other tests.
 //!
 //! Without cargo-deb (or in a debug build) it prints a SKIP line, except under CI=true, where
 //! that is a failure. apt-get installs the .deb (so Depends must resolve) and removes it (it
@@ -17,8 +19,8 @@
 
 use crate::common::{self, assert_same, create, qemu_img, qemu_io, truth_raw};
 use crate::mountutil::{
-    bin, ckpt_names, ckptfs_pids_for, mount_dir, mount_points, read, read_json, run_files, s,
-    Mount, Ran,
+    bin, ckpt_names, ckptfs_pids_for, mount_dir, mount_points, read, read_json, reap_daemons,
+    run_files, s, Mount, Ran, ACCESS_TIMEOUT,
 };
 use std::collections::BTreeSet;
 use std::ffi::OsStr;
@@ -28,7 +30,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// PATH for everything run as the installed tool: no /usr/local.
+/// PATH for the installed tool run directly: no /usr/local.
 const SYSTEM_PATH: &str = "PATH=/usr/sbin:/usr/bin:/sbin:/bin";
 /// Seconds `cargo deb` and apt-get may take (strip, objcopy and xz of a 30 MB binary on a
 /// loaded machine; apt waiting for the dpkg lock).
@@ -172,6 +174,82 @@ impl Drop for MountsUnder {
             .filter(|m| m.starts_with(&prefix))
         {
             drop(Mount::adopt(Path::new(&m)));
+        }
+    }
+}
+
+/// A mount by mount(8) (`mount -t fuse.ckptfs`) in a private mount namespace (unshare -m)
+/// where /usr/local is an empty tmpfs: mount(8) runs mount.fuse3 with PATH reset to
+/// /usr/local/sbin:/usr/local/bin:/usr/sbin:..., and mount.rs links the test binary as
+/// /usr/local/bin/ckptfs, which would shadow the package's /usr/bin/ckptfs. Nothing outside the
+/// namespace changes. The test reaches the tree through the daemon's /proc/PID/root; Drop
+/// unmounts in the namespace (nsenter) and ends the daemon by PID, which ends the namespace.
+struct NsMount {
+    dir: PathBuf,
+    daemon: i32,
+    done: bool,
+}
+
+impl NsMount {
+    fn new(cwd: &Path, image: &str, dir: &Path, opts: &str) -> NsMount {
+        let script = "mount -t tmpfs -o size=64k,mode=755 ckptfs-test /usr/local && \
+                      exec mount -t fuse.ckptfs \"$@\"";
+        let r = run_files(
+            Some(cwd),
+            "unshare",
+            &[
+                "-m",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                script,
+                "sh",
+                image,
+                s(dir),
+                "-o",
+                opts,
+            ],
+        );
+        let pids = ckptfs_pids_for(dir);
+        let m = NsMount {
+            dir: dir.to_path_buf(),
+            daemon: pids.first().copied().unwrap_or(0),
+            done: false,
+        };
+        assert!(r.ok, "unshare -m ... mount -t fuse.ckptfs: {r:?}");
+        assert_eq!(pids.len(), 1, "ckptfs daemons for {}", dir.display());
+        m
+    }
+
+    /// `rel` in the mounted tree, as seen from outside the namespace.
+    fn path(&self, rel: &str) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/root{}", self.daemon, self.dir.display())).join(rel)
+    }
+
+    fn in_namespace(&self, cmd: &[&str]) -> Ran {
+        let pid = self.daemon.to_string();
+        let mut args = vec!["-t", &pid, "-m"];
+        args.extend_from_slice(cmd);
+        run_files(None, "nsenter", &args)
+    }
+
+    fn unmount(mut self) {
+        let r = self.in_namespace(&["fusermount3", "-u", s(&self.dir)]);
+        assert!(r.ok, "fusermount3 -u in the namespace: {r:?}");
+        assert!(
+            reap_daemons(&self.dir, ACCESS_TIMEOUT),
+            "the ckptfs daemon did not exit after unmount"
+        );
+        self.done = true;
+    }
+}
+
+impl Drop for NsMount {
+    fn drop(&mut self) {
+        if !self.done && self.daemon > 0 {
+            let _ = self.in_namespace(&["umount", "-l", s(&self.dir)]);
+            reap_daemons(&self.dir, Duration::from_secs(10));
         }
     }
 }
@@ -335,30 +413,12 @@ fn deb_package_installs_and_removes() {
     let img = d.join("vm.qcow2");
     let truth = truth_raw(&img);
     let dir = mount_dir(d, "mnt");
-    let r = run_files(
-        Some(d),
-        "env",
-        &[
-            SYSTEM_PATH,
-            "mount",
-            "-t",
-            "fuse.ckptfs",
-            "vm.qcow2",
-            s(&dir),
-            "-o",
-            "ro,allow_other",
-        ],
-    );
-    let m = Mount::adopt(&dir);
-    assert!(r.ok, "mount -t fuse.ckptfs: {r:?}");
-    let exes: Vec<PathBuf> = ckptfs_pids_for(&dir)
-        .iter()
-        .filter_map(|pid| std::fs::read_link(format!("/proc/{pid}/exe")).ok())
-        .collect();
+    let m = NsMount::new(d, "vm.qcow2", &dir, "ro,allow_other");
+    let exe = std::fs::read_link(format!("/proc/{}/exe", m.daemon));
     assert_eq!(
-        exes,
-        [PathBuf::from("/usr/bin/ckptfs")],
-        "the daemon serving the mount"
+        exe.ok(),
+        Some(PathBuf::from("/usr/bin/ckptfs")),
+        "the daemon mount -t fuse.ckptfs started"
     );
     let cj = read_json(&m.path("checkpoints.json"));
     assert!(ckpt_names(&cj).contains(&"c1".to_string()), "{cj}");
