@@ -50,6 +50,16 @@ mount options (-o, comma separated):
 
 unmount with: fusermount3 -u MOUNTPOINT (or umount as root)";
 
+/// `ckptfs --version`: the crate (= Debian package) version and the git revision built from
+/// ("unknown" outside a git checkout; see build.rs).
+pub const VERSION: &str = concat!(
+    "ckptfs ",
+    env!("CARGO_PKG_VERSION"),
+    " (git ",
+    env!("CKPTFS_GIT_REV"),
+    ")"
+);
+
 /// libvirt's checkpoint metadata directory for a domain.
 pub fn domain_dir(name: &str) -> PathBuf {
     PathBuf::from("/var/lib/libvirt/qemu/checkpoint").join(name)

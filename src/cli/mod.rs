@@ -36,7 +36,7 @@ pub fn run(argv: Vec<String>) -> i32 {
             Ok(())
         }
         Command::Version => {
-            println!("ckptfs {}", env!("CARGO_PKG_VERSION"));
+            println!("{}", args::VERSION);
             Ok(())
         }
         Command::Ls {

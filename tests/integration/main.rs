@@ -8,6 +8,7 @@ mod faults;
 mod hostile;
 mod mount;
 mod mountutil;
+mod package;
 mod props;
 mod reader;
 mod reliability;
