@@ -5,7 +5,7 @@
 use super::write::Writer;
 use crate::error::{Error, ErrorKind, Result};
 use crate::qcow2::bitmaps::{BitmapEntry, TableEntry, FLAG_AUTO, FLAG_IN_USE};
-use crate::qcow2::header::AUTOCLEAR_BITMAPS;
+use crate::qcow2::header::{extensions, AUTOCLEAR_BITMAPS};
 use crate::qcow2::image::Bitmap;
 use crate::qcow2::BitmapCluster;
 use std::os::unix::fs::FileExt;
@@ -112,19 +112,12 @@ impl Writer {
         crate::qcow2::image::read_exact_or_zero(file, 0, &mut c0)
             .map_err(|e| wio("read header", e))?;
         let hl = h.header_length as usize;
-        let mut exts: Vec<(u32, Vec<u8>)> = Vec::new();
-        let mut at = hl;
-        loop {
-            let ty = u32::from_be_bytes(c0[at..at + 4].try_into().expect("4 bytes"));
-            let len = u32::from_be_bytes(c0[at + 4..at + 8].try_into().expect("4 bytes")) as usize;
-            if ty == 0 {
-                break;
-            }
-            if ty != EXT_BITMAPS {
-                exts.push((ty, c0[at + 8..at + 8 + len].to_vec()));
-            }
-            at += 8 + len.div_ceil(8) * 8;
-        }
+        let (found, at) = extensions(&c0, h.header_length, h.extensions_end())?;
+        let mut exts: Vec<(u32, Vec<u8>)> = found
+            .into_iter()
+            .filter(|(ty, _)| *ty != EXT_BITMAPS)
+            .map(|(ty, d)| (ty, d.to_vec()))
+            .collect();
         if nb > 0 {
             let mut d = Vec::with_capacity(24);
             d.extend_from_slice(&nb.to_be_bytes());
@@ -157,7 +150,11 @@ impl Writer {
         let autoclear = if nb > 0 { AUTOCLEAR_BITMAPS } else { 0 };
         out[88..96].copy_from_slice(&autoclear.to_be_bytes());
         // Clear what the old layout had past the new end, in the same write.
-        let old_end = at + 8 + h.backing_file_size as usize;
+        let old_name_end = match h.backing_file {
+            Some(_) => h.backing_file_offset as usize + h.backing_file_size as usize,
+            None => 0,
+        };
+        let old_end = (at + 8).max(old_name_end);
         out.resize(out.len().max(old_end.min(cs)), 0);
         file.write_all_at(&out, 0)
             .map_err(|e| wio("write header", e))
@@ -270,6 +267,12 @@ impl Writer {
         renames: &[(usize, String)],
         rename_self: Option<String>,
     ) -> Result<()> {
+        if !self.bitmaps_ok {
+            // QEMU ignores a stale extension; its tables may name clusters others own now.
+            return Err(Error::unsupported(
+                "the image's bitmaps are inconsistent (autoclear bit clear)",
+            ));
+        }
         let chain = self.chain.clone();
         let q = chain.top().qcow2().expect("qcow2");
         let bms = q.bitmaps();
