@@ -161,25 +161,20 @@ impl Writer {
     }
 
     /// The current trusted entries of the top image, with the flags they have on disk now
-    /// (in_use while mounted). Returns (bitmap index, entry).
-    fn live_entries(&self) -> Result<Vec<(usize, BitmapEntry)>> {
+    /// (in_use while mounted). Returns (bitmap index, entry). (Entries QEMU refuses, such as
+    /// extra data, made the mount refuse read-write.)
+    fn live_entries(&self) -> Vec<(usize, BitmapEntry)> {
         let chain = self.chain.clone();
         let q = chain.top().qcow2().expect("qcow2");
         let mut out = Vec::new();
         for (i, b) in q.bitmaps().iter().enumerate().filter(|(_, b)| !b.removed) {
-            if b.entry.extra_data_size != 0 {
-                return Err(Error::unsupported(format!(
-                    "bitmap '{}' has extra data; ckptfs does not rewrite such a directory",
-                    b.entry.name
-                )));
-            }
             let mut e = b.entry.clone();
             if b.distrust.is_none() {
                 e.flags |= FLAG_IN_USE;
             }
             out.push((i, e));
         }
-        Ok(out)
+        out
     }
 
     /// Publish new in-memory entries (flags without in_use) at their new positions.
@@ -228,8 +223,15 @@ impl Writer {
             dir_pos: 0,
         };
         let n = entry.table_size_for(q.size(), cs);
-        entry.bitmap_table_size =
-            u32::try_from(n).map_err(|_| Error::unsupported("bitmap table too large"))?;
+        entry.bitmap_table_size = u32::try_from(n).unwrap_or(u32::MAX);
+        // QEMU's constraints, before anything is allocated (the table goes to a new cluster).
+        let placed = BitmapEntry {
+            bitmap_table_offset: cs,
+            ..entry.clone()
+        };
+        if let Some(why) = placed.violation(q.size(), cs) {
+            return Err(Error::invalid(format!("{why}: QEMU would refuse it")));
+        }
         if n > 0 {
             let clusters = (n * 8).div_ceil(cs);
             let off = self.rc.alloc_run(file, clusters)?;
@@ -241,7 +243,7 @@ impl Writer {
         }
         let mut kept: Vec<(Option<usize>, BitmapEntry, Option<String>)> = Vec::new();
         let bms = q.bitmaps();
-        for (i, mut e) in self.live_entries()? {
+        for (i, mut e) in self.live_entries() {
             if Some(i) == disable {
                 e.flags &= !FLAG_AUTO;
             }
@@ -297,7 +299,7 @@ impl Writer {
         }
         let keep_self = merge_into.is_none() && rename_self.is_some();
         let mut kept: Vec<(Option<usize>, BitmapEntry, Option<String>)> = Vec::new();
-        for (i, mut e) in self.live_entries()? {
+        for (i, mut e) in self.live_entries() {
             if i == bi && !keep_self {
                 continue;
             }

@@ -60,7 +60,7 @@ impl Guard {
 /// L1 table, refcount table, bitmap directory, every active L2 table, and the tables and data
 /// clusters of every bitmap, trusted or not (QEMU counts them all, and deleting a bitmap frees
 /// them), unless the autoclear bit says the bitmaps extension is stale (QEMU ignores it then).
-/// (Refcount blocks are added by `Refcounts` itself; internal snapshots make a writer refuse
+/// A bitmap QEMU refuses is an error. (Refcount blocks are added by `Refcounts` itself; internal snapshots make a writer refuse
 /// the image before this is asked.)
 pub fn metadata(q: &Qcow2Image) -> Result<Vec<(u64, u64, &'static str)>> {
     let h = &q.header;
@@ -76,6 +76,10 @@ pub fn metadata(q: &Qcow2Image) -> Result<Vec<(u64, u64, &'static str)>> {
     for (i, bm) in q.bitmaps().iter().enumerate() {
         if bm.removed || stale {
             continue;
+        }
+        if let Some(why) = bm.entry.violation(h.size, cs) {
+            // QEMU opens such an image not at all; its clusters cannot be told apart.
+            return Err(Error::corrupt(format!("{why}; QEMU refuses this image")));
         }
         let e = &bm.entry;
         out.push((

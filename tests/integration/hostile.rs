@@ -421,7 +421,7 @@ fn fields(img: &[u8]) -> Vec<Field> {
     if let Some(b) = h.bitmaps {
         let d0 = b.bitmap_directory_offset as usize;
         let dir = &img[d0..d0 + b.bitmap_directory_size as usize];
-        let entries = parse_directory(dir, b.nb_bitmaps, cs as u64).expect("fixture directory");
+        let entries = parse_directory(dir, b.nb_bitmaps).expect("fixture directory");
         let mut e_off = d0;
         for (k, e) in entries.iter().enumerate() {
             let n = &e.name;
