@@ -5,7 +5,8 @@
 use super::write::Writer;
 use crate::error::{Error, ErrorKind, Result};
 use crate::qcow2::bitmaps::{BitmapEntry, TableEntry, FLAG_AUTO, FLAG_IN_USE};
-use crate::qcow2::header::{extensions, AUTOCLEAR_BITMAPS};
+use crate::qcow2::bytes::{u32_at, u64_at};
+use crate::qcow2::header::{extensions, extensions_end, AUTOCLEAR_BITMAPS};
 use crate::qcow2::image::Bitmap;
 use crate::qcow2::BitmapCluster;
 use std::os::unix::fs::FileExt;
@@ -112,7 +113,10 @@ impl Writer {
         crate::qcow2::image::read_exact_or_zero(file, 0, &mut c0)
             .map_err(|e| wio("read header", e))?;
         let hl = h.header_length as usize;
-        let (found, at) = extensions(&c0, h.header_length, h.extensions_end())?;
+        // The header as it is now (an earlier rewrite may have moved the backing file name).
+        let name_off = u64_at(&c0, 8, "backing_file_offset")?;
+        let name_len = u64::from(u32_at(&c0, 16, "backing_file_size")?);
+        let (found, at) = extensions(&c0, h.header_length, extensions_end(name_off, cs as u64))?;
         let mut exts: Vec<(u32, Vec<u8>)> = found
             .into_iter()
             .filter(|(ty, _)| *ty != EXT_BITMAPS)
@@ -150,9 +154,9 @@ impl Writer {
         let autoclear = if nb > 0 { AUTOCLEAR_BITMAPS } else { 0 };
         out[88..96].copy_from_slice(&autoclear.to_be_bytes());
         // Clear what the old layout had past the new end, in the same write.
-        let old_name_end = match h.backing_file {
-            Some(_) => h.backing_file_offset as usize + h.backing_file_size as usize,
-            None => 0,
+        let old_name_end = match name_off {
+            0 => 0,
+            o => o.saturating_add(name_len).min(cs as u64) as usize,
         };
         let old_end = (at + 8).max(old_name_end);
         out.resize(out.len().max(old_end.min(cs)), 0);

@@ -270,17 +270,9 @@ impl Header {
         Ok(())
     }
 
-    /// Where header extensions must end, as QEMU reads them: at the backing file name if there
-    /// is one, else at the end of the first cluster.
-    pub fn extensions_end(&self) -> u64 {
-        match self.backing_file_offset {
-            0 => self.cluster_size(),
-            o => o.min(self.cluster_size()),
-        }
-    }
-
     fn parse_extensions(&mut self, buf: &[u8]) -> Result<()> {
-        let (exts, _) = extensions(buf, self.header_length, self.extensions_end())?;
+        let end = extensions_end(self.backing_file_offset, self.cluster_size());
+        let (exts, _) = extensions(buf, self.header_length, end)?;
         let mut seen = Vec::new();
         for (ty, data) in exts {
             if seen.contains(&ty) {
@@ -357,11 +349,20 @@ impl Header {
     }
 }
 
+/// Where header extensions must end, as QEMU reads them: at the backing file name if there is
+/// one, else at the end of the first cluster.
+pub fn extensions_end(backing_file_offset: u64, cluster_size: u64) -> u64 {
+    match backing_file_offset {
+        0 => cluster_size,
+        o => o.min(cluster_size),
+    }
+}
+
 /// One header extension: its type and data.
 pub type Extension<'a> = (u32, &'a [u8]);
 
 /// Walk the header extensions of `c0` (the start of the file) from `header_length` up to
-/// `end` (`Header::extensions_end`): the (type, data) pairs before the end marker, and the
+/// `end` (`extensions_end`): the (type, data) pairs before the end marker, and the
 /// offset of the end marker (or `end` where the extensions fill the area, as QEMU allows).
 /// An extension that runs past `end` is refused, as QEMU refuses it.
 pub fn extensions(c0: &[u8], header_length: u32, end: u64) -> Result<(Vec<Extension<'_>>, usize)> {

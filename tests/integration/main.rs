@@ -8,5 +8,6 @@ mod mount;
 mod mountutil;
 mod props;
 mod reader;
+mod refusals;
 mod reliability;
 mod rw;
