@@ -10,7 +10,13 @@ fuzz_target!(|data: &[u8]| {
     let size = inp.u64() & (i64::MAX as u64);
     if let Ok(entries) = parse_directory(inp.rest(), nb) {
         for e in entries {
-            let _ = (e.granularity(), e.in_use(), e.auto(), e.distrust(size, cs), e.violation(size, cs));
+            let _ = (
+                e.granularity(),
+                e.in_use(),
+                e.auto(),
+                e.distrust(size, cs),
+                e.violation(size, cs),
+            );
             let _ = e.table_size_for(size, cs);
         }
     }
