@@ -135,7 +135,8 @@ fn walk(q: &Qcow2Image, rc: &Refcounts, counts: &mut Counts) -> Result<()> {
             } else {
                 (e & L2E_OFFSET_MASK, cs)
             };
-            if host == 0 || len == 0 {
+            // Offset 0 is unallocated, except in a compressed entry (which points into the header).
+            if len == 0 || host == 0 && e & OFLAG_COMPRESSED == 0 {
                 continue;
             }
             let last = host.saturating_add(len - 1);

@@ -243,3 +243,29 @@ fn header_extensions_past_cluster_0_refused() {
         expect_refusal(&p, &mnt, opts, &["header extensions run past byte 512"]);
     }
 }
+
+/// A compressed cluster whose data lies in the header (offset 0 with the compressed flag, or
+/// 0x100): QEMU counts cluster 0 twice (refcount too low) and cannot read it. Refused for rw
+/// naming the header (offset 0 used to be taken for unallocated); read-only, the cluster is
+/// EIO, as it is for QEMU.
+#[test]
+fn rw_refuses_compressed_data_in_header() {
+    let t = tempdir();
+    let d = t.path();
+    for off in [0u64, 0x100] {
+        let name = format!("comp-header-{off}.qcow2");
+        let (p, l) = small_rw_image(d, &name);
+        patch(&p, l.l2, &((1u64 << 62) | off).to_be_bytes());
+        let r = crate::common::run_status_in(
+            Some(d),
+            "qemu-img",
+            &["convert", "-O", "raw", &name, "x.raw"],
+        );
+        assert!(!r.status.success(), "qemu-img convert reads {name}");
+        let mnt = mount_dir(d, &format!("mnt-{off}"));
+        expect_refusal(&p, &mnt, Some("rw"), &["inside the header"]);
+        let m = Mount::new(&p, &mnt, None);
+        crate::mountutil::assert_eio(&m.path("current/disk.img"));
+        m.unmount();
+    }
+}
