@@ -60,8 +60,8 @@ impl Guard {
 /// L1 table, refcount table, bitmap directory, every active L2 table, and the tables and data
 /// clusters of every bitmap, trusted or not (QEMU counts them all, and deleting a bitmap frees
 /// them), unless the autoclear bit says the bitmaps extension is stale (QEMU ignores it then).
-/// A bitmap QEMU refuses is an error. (Refcount blocks are added by `Refcounts` itself; internal snapshots make a writer refuse
-/// the image before this is asked.)
+/// A bitmap QEMU refuses is an error. (Refcount blocks are added by `Refcounts` itself;
+/// internal snapshots make a writer refuse the image before this is asked.)
 pub fn metadata(q: &Qcow2Image) -> Result<Vec<(u64, u64, &'static str)>> {
     let h = &q.header;
     let cs = q.geo.cluster_size();
