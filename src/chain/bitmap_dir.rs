@@ -5,7 +5,8 @@
 use super::write::Writer;
 use crate::error::{Error, ErrorKind, Result};
 use crate::qcow2::bitmaps::{BitmapEntry, TableEntry, FLAG_AUTO, FLAG_IN_USE};
-use crate::qcow2::header::AUTOCLEAR_BITMAPS;
+use crate::qcow2::bytes::{u32_at, u64_at};
+use crate::qcow2::header::{extensions, extensions_end, AUTOCLEAR_BITMAPS};
 use crate::qcow2::image::Bitmap;
 use crate::qcow2::BitmapCluster;
 use std::os::unix::fs::FileExt;
@@ -112,19 +113,15 @@ impl Writer {
         crate::qcow2::image::read_exact_or_zero(file, 0, &mut c0)
             .map_err(|e| wio("read header", e))?;
         let hl = h.header_length as usize;
-        let mut exts: Vec<(u32, Vec<u8>)> = Vec::new();
-        let mut at = hl;
-        loop {
-            let ty = u32::from_be_bytes(c0[at..at + 4].try_into().expect("4 bytes"));
-            let len = u32::from_be_bytes(c0[at + 4..at + 8].try_into().expect("4 bytes")) as usize;
-            if ty == 0 {
-                break;
-            }
-            if ty != EXT_BITMAPS {
-                exts.push((ty, c0[at + 8..at + 8 + len].to_vec()));
-            }
-            at += 8 + len.div_ceil(8) * 8;
-        }
+        // The header as it is now (an earlier rewrite may have moved the backing file name).
+        let name_off = u64_at(&c0, 8, "backing_file_offset")?;
+        let name_len = u64::from(u32_at(&c0, 16, "backing_file_size")?);
+        let (found, at) = extensions(&c0, h.header_length, extensions_end(name_off, cs as u64))?;
+        let mut exts: Vec<(u32, Vec<u8>)> = found
+            .into_iter()
+            .filter(|(ty, _)| *ty != EXT_BITMAPS)
+            .map(|(ty, d)| (ty, d.to_vec()))
+            .collect();
         if nb > 0 {
             let mut d = Vec::with_capacity(24);
             d.extend_from_slice(&nb.to_be_bytes());
@@ -157,32 +154,31 @@ impl Writer {
         let autoclear = if nb > 0 { AUTOCLEAR_BITMAPS } else { 0 };
         out[88..96].copy_from_slice(&autoclear.to_be_bytes());
         // Clear what the old layout had past the new end, in the same write.
-        let old_end = at + 8 + h.backing_file_size as usize;
+        let old_name_end = match name_off {
+            0 => 0,
+            o => o.saturating_add(name_len).min(cs as u64) as usize,
+        };
+        let old_end = (at + 8).max(old_name_end);
         out.resize(out.len().max(old_end.min(cs)), 0);
         file.write_all_at(&out, 0)
             .map_err(|e| wio("write header", e))
     }
 
     /// The current trusted entries of the top image, with the flags they have on disk now
-    /// (in_use while mounted). Returns (bitmap index, entry).
-    fn live_entries(&self) -> Result<Vec<(usize, BitmapEntry)>> {
+    /// (in_use while mounted). Returns (bitmap index, entry). (Entries QEMU refuses, such as
+    /// extra data, made the mount refuse read-write.)
+    fn live_entries(&self) -> Vec<(usize, BitmapEntry)> {
         let chain = self.chain.clone();
         let q = chain.top().qcow2().expect("qcow2");
         let mut out = Vec::new();
         for (i, b) in q.bitmaps().iter().enumerate().filter(|(_, b)| !b.removed) {
-            if b.entry.extra_data_size != 0 {
-                return Err(Error::unsupported(format!(
-                    "bitmap '{}' has extra data; ckptfs does not rewrite such a directory",
-                    b.entry.name
-                )));
-            }
             let mut e = b.entry.clone();
             if b.distrust.is_none() {
                 e.flags |= FLAG_IN_USE;
             }
             out.push((i, e));
         }
-        Ok(out)
+        out
     }
 
     /// Publish new in-memory entries (flags without in_use) at their new positions.
@@ -231,8 +227,15 @@ impl Writer {
             dir_pos: 0,
         };
         let n = entry.table_size_for(q.size(), cs);
-        entry.bitmap_table_size =
-            u32::try_from(n).map_err(|_| Error::unsupported("bitmap table too large"))?;
+        entry.bitmap_table_size = u32::try_from(n).unwrap_or(u32::MAX);
+        // QEMU's constraints, before anything is allocated (the table goes to a new cluster).
+        let placed = BitmapEntry {
+            bitmap_table_offset: cs,
+            ..entry.clone()
+        };
+        if let Some(why) = placed.violation(q.size(), cs) {
+            return Err(Error::invalid(format!("{why}: QEMU would refuse it")));
+        }
         if n > 0 {
             let clusters = (n * 8).div_ceil(cs);
             let off = self.rc.alloc_run(file, clusters)?;
@@ -244,7 +247,7 @@ impl Writer {
         }
         let mut kept: Vec<(Option<usize>, BitmapEntry, Option<String>)> = Vec::new();
         let bms = q.bitmaps();
-        for (i, mut e) in self.live_entries()? {
+        for (i, mut e) in self.live_entries() {
             if Some(i) == disable {
                 e.flags &= !FLAG_AUTO;
             }
@@ -270,6 +273,12 @@ impl Writer {
         renames: &[(usize, String)],
         rename_self: Option<String>,
     ) -> Result<()> {
+        if !self.bitmaps_ok {
+            // QEMU ignores a stale extension; its tables may name clusters others own now.
+            return Err(Error::unsupported(
+                "the image's bitmaps are inconsistent (autoclear bit clear)",
+            ));
+        }
         let chain = self.chain.clone();
         let q = chain.top().qcow2().expect("qcow2");
         let bms = q.bitmaps();
@@ -294,7 +303,7 @@ impl Writer {
         }
         let keep_self = merge_into.is_none() && rename_self.is_some();
         let mut kept: Vec<(Option<usize>, BitmapEntry, Option<String>)> = Vec::new();
-        for (i, mut e) in self.live_entries()? {
+        for (i, mut e) in self.live_entries() {
             if i == bi && !keep_self {
                 continue;
             }

@@ -6,8 +6,16 @@ use crate::error::{Error, Result};
 
 pub const FLAG_IN_USE: u32 = 1 << 0;
 pub const FLAG_AUTO: u32 = 1 << 1;
-pub const FLAG_EXTRA_DATA_COMPATIBLE: u32 = 1 << 2;
-const FLAGS_KNOWN: u32 = 0x7;
+/// The flags QEMU accepts (it refuses bit 2, extra_data_compatible, with the rest).
+const FLAGS_KNOWN: u32 = FLAG_IN_USE | FLAG_AUTO;
+
+/// QEMU's limits on one bitmap (block/qcow2-bitmap.c, `check_dir_entry`).
+pub const MIN_GRANULARITY_BITS: u8 = 9;
+pub const MAX_GRANULARITY_BITS: u8 = 31;
+const MAX_TABLE_ENTRIES: u64 = 0x800_0000;
+/// Bitmap data (table entries times the cluster size).
+const MAX_DATA_BYTES: u64 = 512 << 20;
+const MAX_NAME_BYTES: usize = 1023;
 
 /// QEMU's limit on bitmaps per image.
 pub const MAX_BITMAPS: u32 = 65535;
@@ -29,8 +37,9 @@ pub struct BitmapEntry {
 }
 
 impl BitmapEntry {
+    /// The granularity in bytes (2^63 for granularity_bits past 63, which QEMU refuses anyway).
     pub fn granularity(&self) -> u64 {
-        1u64 << self.granularity_bits
+        1u64 << self.granularity_bits.min(63)
     }
 
     pub fn in_use(&self) -> bool {
@@ -42,32 +51,63 @@ impl BitmapEntry {
         self.flags & FLAG_AUTO != 0
     }
 
-    /// Why this bitmap's bits cannot be trusted, if they cannot.
-    pub fn distrust(&self) -> Option<String> {
+    /// Why this bitmap's bits cannot be trusted on a disk of `size` bytes with `cluster_size`
+    /// clusters, if they cannot: in use, or refused by QEMU (`violation`).
+    pub fn distrust(&self, size: u64, cluster_size: u64) -> Option<String> {
         if self.in_use() {
-            Some(format!(
+            return Some(format!(
                 "bitmap '{}' is in use (a QEMU crashed or still has the image open read-write)",
                 self.name
-            ))
-        } else if self.flags & !FLAGS_KNOWN != 0 {
-            Some(format!(
-                "bitmap '{}' has unknown flags {:#x}",
-                self.name,
-                self.flags & !FLAGS_KNOWN
-            ))
-        } else if self.bitmap_type != 1 {
-            Some(format!(
-                "bitmap '{}' has unknown type {}",
-                self.name, self.bitmap_type
-            ))
-        } else if self.extra_data_size != 0 && self.flags & FLAG_EXTRA_DATA_COMPATIBLE == 0 {
-            Some(format!(
-                "bitmap '{}' has extra data ckptfs cannot interpret",
-                self.name
-            ))
-        } else {
-            None
+            ));
         }
+        self.violation(size, cluster_size)
+    }
+
+    /// What QEMU refuses in this entry (`check_dir_entry`, `bitmap_list_load`,
+    /// `load_bitmap_data`); QEMU then opens the image not at all. The table size must match
+    /// the disk only when the bitmap is not in use, as in QEMU.
+    pub fn violation(&self, size: u64, cluster_size: u64) -> Option<String> {
+        let n = u64::from(self.bitmap_table_size);
+        let why = if self.flags & !FLAGS_KNOWN != 0 {
+            format!(
+                "has flags {:#x} QEMU does not know",
+                self.flags & !FLAGS_KNOWN
+            )
+        } else if self.bitmap_type != 1 {
+            format!("has unknown type {}", self.bitmap_type)
+        } else if self.extra_data_size != 0 {
+            format!(
+                "has {} bytes of extra data (QEMU accepts none)",
+                self.extra_data_size
+            )
+        } else if !(MIN_GRANULARITY_BITS..=MAX_GRANULARITY_BITS).contains(&self.granularity_bits) {
+            format!(
+                "has granularity_bits {}, outside QEMU's {MIN_GRANULARITY_BITS}..{MAX_GRANULARITY_BITS}",
+                self.granularity_bits
+            )
+        } else if self.name.len() > MAX_NAME_BYTES {
+            format!(
+                "has a name of {} bytes (QEMU allows {MAX_NAME_BYTES})",
+                self.name.len()
+            )
+        } else if n == 0 || self.bitmap_table_offset == 0 {
+            "has no bitmap table".to_string()
+        } else if self.bitmap_table_offset % cluster_size != 0 {
+            format!(
+                "table offset {:#x} is not cluster aligned",
+                self.bitmap_table_offset
+            )
+        } else if n > MAX_TABLE_ENTRIES || n.saturating_mul(cluster_size) > MAX_DATA_BYTES {
+            format!("table of {n} entries is larger than QEMU allows (512 MiB of bitmap data)")
+        } else if !self.in_use() && n != self.table_size_for(size, cluster_size) {
+            format!(
+                "table has {n} entries, the disk size needs {}",
+                self.table_size_for(size, cluster_size)
+            )
+        } else {
+            return None;
+        };
+        Some(format!("bitmap '{}' {why}", self.name))
     }
 
     /// Bitmap table entries needed for a disk of `size` bytes with `cluster_size` clusters.
@@ -79,7 +119,7 @@ impl BitmapEntry {
 }
 
 /// Parse `dir` (the whole directory, `bitmap_directory_size` bytes) holding `nb` entries.
-pub fn parse_directory(dir: &[u8], nb: u32, cluster_size: u64) -> Result<Vec<BitmapEntry>> {
+pub fn parse_directory(dir: &[u8], nb: u32) -> Result<Vec<BitmapEntry>> {
     if nb == 0 || nb > MAX_BITMAPS {
         return Err(Error::corrupt(format!(
             "bitmaps extension claims {nb} bitmaps (1..65535)"
@@ -105,25 +145,11 @@ pub fn parse_directory(dir: &[u8], nb: u32, cluster_size: u64) -> Result<Vec<Bit
             .checked_add(name_size)
             .and_then(|end| dir.get(name_start..end))
             .ok_or_else(|| Error::corrupt(what("name runs past the directory")))?;
-        if name_size == 0 || name_size > 1023 {
-            return Err(Error::corrupt(what(&format!(
-                "name of {name_size} bytes (1..1023)"
-            ))));
+        if name_size == 0 {
+            return Err(Error::corrupt(what("empty name")));
         }
         let name = String::from_utf8(name_bytes.to_vec())
             .map_err(|_| Error::corrupt(what("name is not UTF-8")))?;
-        if bitmap_table_offset % cluster_size != 0
-            || bitmap_table_offset == 0 && bitmap_table_size != 0
-        {
-            return Err(Error::corrupt(format!(
-                "bitmap '{name}': table offset {bitmap_table_offset:#x} is not cluster aligned"
-            )));
-        }
-        if granularity_bits > 63 {
-            return Err(Error::corrupt(format!(
-                "bitmap '{name}': granularity_bits {granularity_bits} > 63"
-            )));
-        }
         if out.iter().any(|b: &BitmapEntry| b.name == name) {
             return Err(Error::corrupt(format!(
                 "bitmap '{name}' appears twice in the directory"
@@ -140,6 +166,12 @@ pub fn parse_directory(dir: &[u8], nb: u32, cluster_size: u64) -> Result<Vec<Bit
             dir_pos: off,
         });
         off = (name_start + name_size).div_ceil(8) * 8;
+    }
+    if off != dir.len() {
+        return Err(Error::corrupt(format!(
+            "bitmap directory of {} bytes holds {nb} entries in {off} (QEMU: broken directory)",
+            dir.len()
+        )));
     }
     Ok(out)
 }
@@ -163,6 +195,11 @@ pub fn decode_table_entry(e: u64, cluster_size: u64) -> Result<TableEntry> {
     }
     if off == 0 {
         return Ok(TableEntry::Fill(e & 1 != 0));
+    }
+    if e & 1 != 0 {
+        return Err(Error::corrupt(format!(
+            "bitmap table entry {e:#x} has both a data cluster and the all-ones bit"
+        )));
     }
     if off % cluster_size != 0 {
         return Err(Error::corrupt(format!(
@@ -202,12 +239,12 @@ mod tests {
             FLAG_IN_USE,
             16,
         ));
-        let v = parse_directory(&d, 2, 65536).unwrap();
+        let v = parse_directory(&d, 2).unwrap();
         assert_eq!(v[0].name, "c1");
-        assert!(v[0].auto() && v[0].distrust().is_none());
-        assert!(v[1].distrust().unwrap().contains("in use"));
-        assert!(parse_directory(&d, 3, 65536).is_err());
-        assert!(parse_directory(&d[..40], 2, 65536).is_err());
+        assert!(v[0].auto() && v[0].distrust(1 << 20, 65536).is_none());
+        assert!(v[1].distrust(1 << 20, 65536).unwrap().contains("in use"));
+        assert!(parse_directory(&d, 3).is_err());
+        assert!(parse_directory(&d[..40], 2).is_err());
     }
 
     #[test]
@@ -226,5 +263,55 @@ mod tests {
         );
         assert!(decode_table_entry(0x70200, 65536).is_err());
         assert!(decode_table_entry(2, 65536).is_err());
+    }
+
+    #[test]
+    fn qemu_constraints() {
+        let d = entry("b", 0x50000, FLAG_AUTO, 16);
+        let ok = parse_directory(&d, 1).unwrap().remove(0);
+        let (size, cs) = (1u64 << 20, 65536);
+        assert_eq!(ok.violation(size, cs), None);
+        let why = |f: &dyn Fn(&mut BitmapEntry)| {
+            let mut e = ok.clone();
+            f(&mut e);
+            e.violation(size, cs).unwrap_or_default()
+        };
+        for bits in [0u8, 8, 32, 63, 64, 255] {
+            let w = why(&|e| e.granularity_bits = bits);
+            assert!(
+                w.contains(&format!("granularity_bits {bits}, outside")),
+                "{w}"
+            );
+        }
+        assert!(why(&|e| e.flags |= 4).contains("flags 0x4"));
+        assert!(why(&|e| e.bitmap_type = 2).contains("type 2"));
+        assert!(why(&|e| e.extra_data_size = 8).contains("extra data"));
+        assert!(why(&|e| e.name = "n".repeat(1024)).contains("1024 bytes"));
+        assert!(why(&|e| e.bitmap_table_offset = 0).contains("no bitmap table"));
+        assert!(why(&|e| e.bitmap_table_size = 0).contains("no bitmap table"));
+        assert!(why(&|e| e.bitmap_table_offset = 0x50200).contains("not cluster aligned"));
+        assert!(why(&|e| e.bitmap_table_size = 8193).contains("larger than QEMU allows"));
+        assert!(why(&|e| e.bitmap_table_size = 2).contains("the disk size needs 1"));
+        // In use: the size may be stale, as in QEMU; the bits are distrusted anyway.
+        let mut e = ok.clone();
+        e.flags |= FLAG_IN_USE;
+        e.bitmap_table_size = 2;
+        assert_eq!(e.violation(size, cs), None);
+        assert!(e.distrust(size, cs).unwrap().contains("in use"));
+        // A name QEMU refuses, bits past 63: parsed (the checkpoint is invalid), no overflow.
+        let mut d = entry("b", 0x50000, 0, 200);
+        d.extend(entry(&"x".repeat(1100), 0x60000, 0, 16));
+        let v = parse_directory(&d, 2).unwrap();
+        assert_eq!(v[0].granularity(), 1 << 63);
+        assert!(v[1]
+            .violation(size, cs)
+            .unwrap()
+            .contains("name of 1100 bytes"));
+        // Bytes past the last entry: QEMU's "broken bitmap directory".
+        let mut d = entry("b", 0x50000, 0, 16);
+        d.extend([0u8; 8]);
+        assert!(parse_directory(&d, 1).unwrap_err().msg.contains("broken"));
+        // A data cluster with the all-ones bit.
+        assert!(decode_table_entry(0x70001, 65536).is_err());
     }
 }

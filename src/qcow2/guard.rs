@@ -4,6 +4,7 @@
 //! or a refcount block at its own L1 table; such writes are refused instead of carried out.
 
 use super::bitmaps::TableEntry;
+use super::header::AUTOCLEAR_BITMAPS;
 use super::image::Qcow2Image;
 use super::Table;
 use crate::error::{Error, Result};
@@ -57,8 +58,10 @@ impl Guard {
 
 /// The byte regions of `q`'s active metadata a writer must never overwrite with data: header,
 /// L1 table, refcount table, bitmap directory, every active L2 table, and the tables and data
-/// clusters of its trusted bitmaps. (Refcount blocks are added by `Refcounts` itself; internal
-/// snapshots make a writer refuse the image before this is asked.)
+/// clusters of every bitmap, trusted or not (QEMU counts them all, and deleting a bitmap frees
+/// them), unless the autoclear bit says the bitmaps extension is stale (QEMU ignores it then).
+/// A bitmap QEMU refuses is an error. (Refcount blocks are added by `Refcounts` itself;
+/// internal snapshots make a writer refuse the image before this is asked.)
 pub fn metadata(q: &Qcow2Image) -> Result<Vec<(u64, u64, &'static str)>> {
     let h = &q.header;
     let cs = q.geo.cluster_size();
@@ -69,9 +72,14 @@ pub fn metadata(q: &Qcow2Image) -> Result<Vec<(u64, u64, &'static str)>> {
             out.push((l2, cs, "L2 table"));
         }
     }
+    let stale = q.header.autoclear_features & AUTOCLEAR_BITMAPS == 0;
     for (i, bm) in q.bitmaps().iter().enumerate() {
-        if bm.removed || bm.distrust.is_some() {
+        if bm.removed || stale {
             continue;
+        }
+        if let Some(why) = bm.entry.violation(h.size, cs) {
+            // QEMU opens such an image not at all; its clusters cannot be told apart.
+            return Err(Error::corrupt(format!("{why}; QEMU refuses this image")));
         }
         let e = &bm.entry;
         out.push((

@@ -300,30 +300,25 @@ impl Header {
     }
 
     fn parse_extensions(&mut self, buf: &[u8]) -> Result<()> {
-        let mut off = self.header_length as usize;
+        let end = extensions_end(self.backing_file_offset, self.cluster_size());
+        let (exts, _) = extensions(buf, self.header_length, end)?;
         let mut seen = Vec::new();
-        loop {
-            let ty = u32_at(buf, off, "header extension type")
-                .map_err(|_| Error::corrupt("header extensions run past the first cluster"))?;
-            let len = u32_at(buf, off + 4, "header extension length")? as usize;
-            if ty == EXT_END {
-                break;
-            }
+        for (ty, data) in exts {
             if seen.contains(&ty) {
                 return Err(Error::corrupt(format!(
                     "header extension {ty:#x} appears twice"
                 )));
             }
             seen.push(ty);
-            let data = slice_at(buf, off + 8, len, "header extension")?;
             match ty {
                 EXT_BACKING_FORMAT => {
                     self.backing_format = Some(string_field(data, "backing format")?)
                 }
                 EXT_BITMAPS => {
-                    if len < 24 {
+                    if data.len() < 24 {
                         return Err(Error::corrupt(format!(
-                            "bitmaps extension of {len} bytes (needs 24)"
+                            "bitmaps extension of {} bytes (needs 24)",
+                            data.len()
                         )));
                     }
                     self.bitmaps = Some(BitmapsExt {
@@ -345,9 +340,6 @@ impl Header {
                 EXT_FEATURE_NAMES => {}
                 _ => {}
             }
-            off = off
-                .checked_add(8 + len.div_ceil(8) * 8)
-                .ok_or_else(|| Error::corrupt("header extension length overflows"))?;
         }
         Ok(())
     }
@@ -384,6 +376,47 @@ impl Header {
         self.backing_file = Some(BackingName(name.to_vec()));
         Ok(())
     }
+}
+
+/// Where header extensions must end, as QEMU reads them: at the backing file name if there is
+/// one, else at the end of the first cluster.
+pub fn extensions_end(backing_file_offset: u64, cluster_size: u64) -> u64 {
+    match backing_file_offset {
+        0 => cluster_size,
+        o => o.min(cluster_size),
+    }
+}
+
+/// One header extension: its type and data.
+pub type Extension<'a> = (u32, &'a [u8]);
+
+/// Walk the header extensions of `c0` (the start of the file) from `header_length` up to
+/// `end` (`extensions_end`): the (type, data) pairs before the end marker, and the
+/// offset of the end marker (or `end` where the extensions fill the area, as QEMU allows).
+/// An extension that runs past `end` is refused, as QEMU refuses it.
+pub fn extensions(c0: &[u8], header_length: u32, end: u64) -> Result<(Vec<Extension<'_>>, usize)> {
+    let end_at = usize::try_from(end).unwrap_or(usize::MAX);
+    let area = &c0[..c0.len().min(end_at)];
+    let past = || {
+        Error::corrupt(format!(
+            "header extensions run past byte {end} (the first cluster or the backing file name)"
+        ))
+    };
+    let mut out = Vec::new();
+    let mut off = header_length as usize;
+    while off < end_at {
+        let ty = u32_at(area, off, "header extension type").map_err(|_| past())?;
+        let len = u32_at(area, off + 4, "header extension length").map_err(|_| past())? as usize;
+        if ty == EXT_END {
+            return Ok((out, off));
+        }
+        out.push((
+            ty,
+            slice_at(area, off + 8, len, "header extension").map_err(|_| past())?,
+        ));
+        off = off.checked_add(8 + len.div_ceil(8) * 8).ok_or_else(past)?;
+    }
+    Ok((out, off))
 }
 
 fn string_field(data: &[u8], what: &str) -> Result<String> {
@@ -515,5 +548,25 @@ mod tests {
         // An extension whose length runs off the cluster.
         b[116..120].copy_from_slice(&70000u32.to_be_bytes());
         assert!(Header::parse(&b[..65536], b.len() as u64).is_err());
+    }
+
+    #[test]
+    fn extensions_end_in_the_first_cluster() {
+        // 512-byte clusters: the header reader gets 4 KiB, but extensions (as QEMU reads
+        // them) must end inside cluster 0.
+        let mut b = minimal_v3();
+        b[20..24].copy_from_slice(&9u32.to_be_bytes());
+        b[36..40].copy_from_slice(&32u32.to_be_bytes());
+        b[40..48].copy_from_slice(&(3u64 << 9).to_be_bytes());
+        b[48..56].copy_from_slice(&(1u64 << 9).to_be_bytes());
+        b[112..116].copy_from_slice(&0x1234_5678u32.to_be_bytes());
+        b[116..120].copy_from_slice(&500u32.to_be_bytes());
+        let e = Header::parse(&b[..4096], b.len() as u64).unwrap_err();
+        assert!(e.msg.contains("run past byte 512"), "{}", e.msg);
+        // Filling cluster 0 exactly, without an end marker, is what QEMU accepts.
+        b[116..120].copy_from_slice(&392u32.to_be_bytes());
+        let (exts, end) = extensions(&b[..4096], 112, 512).unwrap();
+        assert_eq!((exts.len(), exts[0].1.len(), end), (1, 392, 512));
+        Header::parse(&b[..4096], b.len() as u64).unwrap();
     }
 }

@@ -429,35 +429,30 @@ impl Qcow2Image {
             ext.bitmap_directory_size,
             "bitmap directory",
         )?;
-        let entries = bitmaps::parse_directory(&dir, ext.nb_bitmaps, cs)?;
+        let entries = bitmaps::parse_directory(&dir, ext.nb_bitmaps)?;
         let autoclear_ok = self.header.autoclear_features & AUTOCLEAR_BITMAPS != 0;
         for entry in entries {
-            if entry.bitmap_table_size > 0 {
+            let region = || {
                 check_region(
                     &format!("bitmap '{}' table", entry.name),
                     entry.bitmap_table_offset,
                     u64::from(entry.bitmap_table_size) * 8,
                     cs,
                     self.file_len(),
-                )?;
-            }
+                )
+                .err()
+                .map(|e| e.msg)
+            };
             let distrust = if !autoclear_ok {
                 Some(format!(
                     "bitmaps of {} are inconsistent: the autoclear bit is clear (a program without \
                      bitmap support wrote the image)",
                     self.path.display()
                 ))
-            } else if entry.table_size_for(self.header.size, cs)
-                != u64::from(entry.bitmap_table_size)
-            {
-                Some(format!(
-                    "bitmap '{}' table has {} entries, the disk size needs {}",
-                    entry.name,
-                    entry.bitmap_table_size,
-                    entry.table_size_for(self.header.size, cs)
-                ))
             } else {
-                entry.distrust()
+                entry
+                    .distrust(self.header.size, cs)
+                    .or_else(|| (entry.bitmap_table_size > 0).then(region).flatten())
             };
             self.bitmaps
                 .get_mut()

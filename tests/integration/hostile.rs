@@ -308,7 +308,7 @@ struct Field {
     width: usize,
 }
 
-fn be(b: &[u8], off: usize, width: usize) -> u64 {
+pub(crate) fn be(b: &[u8], off: usize, width: usize) -> u64 {
     b[off..off + width]
         .iter()
         .fold(0u64, |v, &x| v << 8 | u64::from(x))
@@ -421,7 +421,7 @@ fn fields(img: &[u8]) -> Vec<Field> {
     if let Some(b) = h.bitmaps {
         let d0 = b.bitmap_directory_offset as usize;
         let dir = &img[d0..d0 + b.bitmap_directory_size as usize];
-        let entries = parse_directory(dir, b.nb_bitmaps, cs as u64).expect("fixture directory");
+        let entries = parse_directory(dir, b.nb_bitmaps).expect("fixture directory");
         let mut e_off = d0;
         for (k, e) in entries.iter().enumerate() {
             let n = &e.name;
@@ -944,14 +944,14 @@ fn fuzz_regressions() {
 // Writers never overwrite metadata
 
 /// Offsets in a fresh 1 MiB image (4 KiB clusters, 16-bit refcounts, guest cluster 0 written).
-struct Layout {
-    l1: u64,
-    l2: u64,
-    reftable: u64,
-    refblock: u64,
+pub(crate) struct Layout {
+    pub l1: u64,
+    pub l2: u64,
+    pub reftable: u64,
+    pub refblock: u64,
 }
 
-fn small_rw_image(dir: &Path, name: &str) -> (PathBuf, Layout) {
+pub(crate) fn small_rw_image(dir: &Path, name: &str) -> (PathBuf, Layout) {
     create(dir, name, "1M", "cluster_size=4k", None);
     qemu_io(dir, name, &["write -P 1 0 4k"]);
     let path = dir.join(name);
@@ -967,13 +967,13 @@ fn small_rw_image(dir: &Path, name: &str) -> (PathBuf, Layout) {
     (path, l)
 }
 
-fn patch(path: &Path, off: u64, bytes: &[u8]) {
+pub(crate) fn patch(path: &Path, off: u64, bytes: &[u8]) {
     use std::os::unix::fs::FileExt;
     let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
     f.write_all_at(bytes, off).unwrap();
 }
 
-fn writer(path: &Path) -> ckptfs::error::Result<Writer> {
+pub(crate) fn writer(path: &Path) -> ckptfs::error::Result<Writer> {
     Writer::open(Arc::new(Chain::open_with(path, true).unwrap()))
 }
 
@@ -983,47 +983,20 @@ fn writer_never_overwrites_metadata() {
     let dir = tmp.path();
     const COPIED: u64 = 1 << 63;
 
-    // Guest cluster 0 claims the L1 table as its data cluster: the write is refused, the L1
-    // table is left as it was.
+    // Guest data placed on metadata is refused at open, naming the structure (QEMU counts the
+    // cluster twice: refcount too low): guest cluster 0 claiming the L1 table as its own
+    // (COPIED) data cluster, or naming the refcount block as data it does not own (a write
+    // would copy-on-write and free it, and the next allocation would reuse it for data; found
+    // by the `refcount` fuzz target). The aliasing cases against every structure are in
+    // refusals.rs.
     let (p, l) = small_rw_image(dir, "data-on-l1.qcow2");
     patch(&p, l.l2, &(l.l1 | COPIED).to_be_bytes());
-    let before = std::fs::read(&p).unwrap();
-    let mut w = writer(&p).expect("the metadata itself is consistent");
-    let e = w.write(0, &[9u8; 4096]).unwrap_err().to_string();
-    assert!(e.contains("L1 table"), "{e}");
-    let e = w.write(100, &[9u8; 10]).unwrap_err().to_string();
-    assert!(e.contains("L1 table"), "{e}");
-    w.close().unwrap();
-    drop(w);
-    let after = std::fs::read(&p).unwrap();
-    let l1 = l.l1 as usize;
-    assert_eq!(
-        &after[l1..l1 + 4096],
-        &before[l1..l1 + 4096],
-        "L1 table changed"
-    );
-
-    // Guest cluster 0 names the refcount block as data it does not own (no COPIED flag): a
-    // write would copy-on-write and free it, and the next allocation would reuse it for data.
-    // (Found by the `refcount` fuzz target.)
+    let e = writer(&p).err().expect("must be refused").to_string();
+    assert!(e.contains("inside the L1 table"), "{e}");
     let (p, l) = small_rw_image(dir, "data-on-refblock.qcow2");
     patch(&p, l.l2, &l.refblock.to_be_bytes());
-    let before = std::fs::read(&p).unwrap();
-    let mut w = writer(&p).unwrap();
-    let e = w.write(0, &[9u8; 4096]).unwrap_err().to_string();
-    assert!(e.contains("refcount block"), "{e}");
-    w.write(300 * 1024, &[9u8; 9000]).unwrap();
-    w.close().unwrap();
-    drop(w);
-    let after = std::fs::read(&p).unwrap();
-    let rb = l.refblock as usize;
-    let count = |b: &[u8], c: usize| be(b, rb + 2 * c, 2);
-    assert_eq!(count(&after, rb / 4096), 1, "refcount block still counted");
-    assert_eq!(
-        count(&after, 0),
-        count(&before, 0),
-        "header still counted once"
-    );
+    let e = writer(&p).err().expect("must be refused").to_string();
+    assert!(e.contains("inside the refcount block"), "{e}");
 
     // References the refcounts do not account for are refused at open: a data cluster
     // counted free (the allocator would hand it out again), one referenced twice but counted

@@ -11,5 +11,6 @@ mod mountutil;
 mod package;
 mod props;
 mod reader;
+mod refusals;
 mod reliability;
 mod rw;

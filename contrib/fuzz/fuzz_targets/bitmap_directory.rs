@@ -8,9 +8,15 @@ fuzz_target!(|data: &[u8]| {
     let nb = inp.u32() % 70000;
     let cs = 1u64 << inp.cluster_bits();
     let size = inp.u64() & (i64::MAX as u64);
-    if let Ok(entries) = parse_directory(inp.rest(), nb, cs) {
+    if let Ok(entries) = parse_directory(inp.rest(), nb) {
         for e in entries {
-            let _ = (e.granularity(), e.in_use(), e.auto(), e.distrust());
+            let _ = (
+                e.granularity(),
+                e.in_use(),
+                e.auto(),
+                e.distrust(size, cs),
+                e.violation(size, cs),
+            );
             let _ = e.table_size_for(size, cs);
         }
     }

@@ -239,12 +239,13 @@ pub fn run_refcount(data: &[u8]) {
 
 /// Mount `data` for real (in-process, kernel FUSE) and use the tree as a user does: walk it,
 /// stat everything, read a few ranges of every file, SEEK_DATA/SEEK_HOLE; every second input
-/// read-write with a write through current/disk.img. A hang is a libFuzzer timeout.
+/// read-write with a write through current/disk.img, then checkpoints taken and deleted as a
+/// user does (mkdir of a new one, rmdir of it and of one the image had), each followed by
+/// another walk. A hang is a libFuzzer timeout.
 pub fn run_mount(data: &[u8]) {
     use ckptfs::cli::mount;
     use ckptfs::cli::options::MountOptions;
-    use std::io::{Read, Seek, SeekFrom, Write};
-    use std::os::fd::AsRawFd;
+    use std::io::Write;
     let path = scratch_path();
     std::fs::write(&path, data).expect("write scratch image");
     let mnt = path.with_file_name("mnt");
@@ -260,9 +261,47 @@ pub fn run_mount(data: &[u8]) {
     let Ok(m) = mount::spawn(&path, &mnt, &o) else {
         return;
     };
-    let mut budget = MAX_READS;
+    // Half the reads for the first walk, half for the walks after the changes.
+    let mut budget = MAX_READS / 2;
+    let before = walk_mount(&mnt, &mut budget);
+    budget += MAX_READS / 2;
+    if rw {
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .write(true)
+            .open(mnt.join("current/disk.img"))
+        {
+            let _ = f.write_all(&[0x77; 5000]);
+            let _ = f.sync_all();
+        }
+        // Errors (EPERM, EIO, ENOSPC...) are fine; a panic, hang or bad tree is not.
+        let new = mnt.join("fuzz-ckpt");
+        if std::fs::create_dir(&new).is_ok() {
+            let _ = walk_mount(&mnt, &mut budget);
+            let _ = std::fs::remove_dir(&new);
+        }
+        let _ = walk_mount(&mnt, &mut budget);
+        let existing: Vec<_> = before
+            .iter()
+            .filter(|d| d.parent() == Some(mnt.as_path()) && !d.ends_with("current"))
+            .collect();
+        if !existing.is_empty() {
+            let pick = existing[(seed >> 1) as usize % existing.len()];
+            if std::fs::remove_dir(pick).is_ok() {
+                let _ = walk_mount(&mnt, &mut budget);
+            }
+        }
+    }
+    m.unmount().expect("unmount");
+}
+
+/// Walk the mounted tree: every listed name must be a valid file name that stats; read a few
+/// ranges of every file (within `budget` reads), SEEK_DATA/SEEK_HOLE. Returns the directories.
+fn walk_mount(mnt: &std::path::Path, budget: &mut usize) -> Vec<PathBuf> {
+    use std::io::{Read, Seek, SeekFrom};
+    use std::os::fd::AsRawFd;
     let mut buf = vec![0u8; READ_LEN];
-    let mut dirs = vec![mnt.clone()];
+    let mut seen = Vec::new();
+    let mut dirs = vec![mnt.to_path_buf()];
     while let Some(dir) = dirs.pop() {
         let Ok(entries) = std::fs::read_dir(&dir) else {
             continue;
@@ -277,6 +316,7 @@ pub fn run_mount(data: &[u8]) {
             let p = e.path();
             let md = std::fs::symlink_metadata(&p).expect("stat a listed entry");
             if md.is_dir() {
+                seen.push(p.clone());
                 dirs.push(p);
                 continue;
             }
@@ -284,10 +324,10 @@ pub fn run_mount(data: &[u8]) {
                 continue;
             };
             for off in [0, md.len() / 2, md.len().saturating_sub(100)] {
-                if budget == 0 {
+                if *budget == 0 {
                     break;
                 }
-                budget -= 1;
+                *budget -= 1;
                 if f.seek(SeekFrom::Start(off)).is_ok() {
                     let _ = f.read(&mut buf);
                 }
@@ -298,14 +338,5 @@ pub fn run_mount(data: &[u8]) {
             }
         }
     }
-    if rw {
-        if let Ok(mut f) = std::fs::OpenOptions::new()
-            .write(true)
-            .open(mnt.join("current/disk.img"))
-        {
-            let _ = f.write_all(&[0x77; 5000]);
-            let _ = f.sync_all();
-        }
-    }
-    m.unmount().expect("unmount");
+    seen
 }

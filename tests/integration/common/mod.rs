@@ -599,14 +599,10 @@ pub fn clear_autoclear_bitmaps(image: &Path) {
     f.write_all(&(v & !1).to_be_bytes()).unwrap();
 }
 
-/// Set the in_use flag of bitmap `name`: walk the header extensions to the bitmaps extension,
-/// then the directory entries, and OR 1 into the flags word at entry + 12.
-pub fn set_bitmap_in_use(image: &Path, name: &str) {
-    let mut f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(image)
-        .unwrap();
+/// Byte offset of bitmap `name`'s directory entry in `image`: walk the header extensions to
+/// the bitmaps extension, then the directory entries.
+pub fn bitmap_entry_offset(image: &Path, name: &str) -> u64 {
+    let mut f = File::open(image).unwrap();
     let version = u32::from_be_bytes(read_be::<4>(&mut f, 4));
     assert_eq!(version, 3, "bitmaps need a v3 image");
     let header_len = u32::from_be_bytes(read_be::<4>(&mut f, 100)) as u64;
@@ -630,53 +626,38 @@ pub fn set_bitmap_in_use(image: &Path, name: &str) {
         f.seek(SeekFrom::Start(e + 24 + extra)).unwrap();
         f.read_exact(&mut n).unwrap();
         if n == name.as_bytes() {
-            let flags = u32::from_be_bytes(read_be::<4>(&mut f, e + 12));
-            f.seek(SeekFrom::Start(e + 12)).unwrap();
-            f.write_all(&(flags | 1).to_be_bytes()).unwrap();
-            return;
+            return e;
         }
         e += (24 + extra + name_size).div_ceil(8) * 8;
     }
     panic!("no bitmap '{name}' in {}", image.display());
 }
 
-/// Overwrite entry `idx` of bitmap `name`'s table with `value` (e.g. 1 = "all ones" without a
-/// data cluster, 0 = all zeros). The old data cluster leaks, which read-only users ignore.
-pub fn patch_bitmap_table_entry(image: &Path, name: &str, idx: u64, value: u64) {
+/// Set the in_use flag of bitmap `name` (OR 1 into the flags word at entry + 12).
+pub fn set_bitmap_in_use(image: &Path, name: &str) {
+    let e = bitmap_entry_offset(image, name);
     let mut f = OpenOptions::new()
         .read(true)
         .write(true)
         .open(image)
         .unwrap();
-    let header_len = u32::from_be_bytes(read_be::<4>(&mut f, 100)) as u64;
-    let mut off = header_len;
-    let (nb, dir_off) = loop {
-        let t = u32::from_be_bytes(read_be::<4>(&mut f, off));
-        let len = u32::from_be_bytes(read_be::<4>(&mut f, off + 4)) as u64;
-        assert_ne!(t, 0, "no bitmaps extension in {}", image.display());
-        if t == BITMAPS_EXT {
-            let nb = u32::from_be_bytes(read_be::<4>(&mut f, off + 8));
-            let dir = u64::from_be_bytes(read_be::<8>(&mut f, off + 24));
-            break (nb, dir);
-        }
-        off += 8 + len.div_ceil(8) * 8;
-    };
-    let mut e = dir_off;
-    for _ in 0..nb {
-        let name_size = u16::from_be_bytes(read_be::<2>(&mut f, e + 18)) as u64;
-        let extra = u32::from_be_bytes(read_be::<4>(&mut f, e + 20)) as u64;
-        let mut n = vec![0u8; name_size as usize];
-        f.seek(SeekFrom::Start(e + 24 + extra)).unwrap();
-        f.read_exact(&mut n).unwrap();
-        if n == name.as_bytes() {
-            let table = u64::from_be_bytes(read_be::<8>(&mut f, e));
-            let size = u32::from_be_bytes(read_be::<4>(&mut f, e + 8)) as u64;
-            assert!(idx < size, "bitmap '{name}' table has {size} entries");
-            f.seek(SeekFrom::Start(table + idx * 8)).unwrap();
-            f.write_all(&value.to_be_bytes()).unwrap();
-            return;
-        }
-        e += (24 + extra + name_size).div_ceil(8) * 8;
-    }
-    panic!("no bitmap '{name}' in {}", image.display());
+    let flags = u32::from_be_bytes(read_be::<4>(&mut f, e + 12));
+    f.seek(SeekFrom::Start(e + 12)).unwrap();
+    f.write_all(&(flags | 1).to_be_bytes()).unwrap();
+}
+
+/// Overwrite entry `idx` of bitmap `name`'s table with `value` (e.g. 1 = "all ones" without a
+/// data cluster, 0 = all zeros). The old data cluster leaks, which read-only users ignore.
+pub fn patch_bitmap_table_entry(image: &Path, name: &str, idx: u64, value: u64) {
+    let e = bitmap_entry_offset(image, name);
+    let mut f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(image)
+        .unwrap();
+    let table = u64::from_be_bytes(read_be::<8>(&mut f, e));
+    let size = u32::from_be_bytes(read_be::<4>(&mut f, e + 8)) as u64;
+    assert!(idx < size, "bitmap '{name}' table has {size} entries");
+    f.seek(SeekFrom::Start(table + idx * 8)).unwrap();
+    f.write_all(&value.to_be_bytes()).unwrap();
 }
