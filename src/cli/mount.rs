@@ -103,7 +103,10 @@ fn prepare(image: &Path, mountpoint: &Path, o: &MountOptions) -> Result<Prepared
     let mut config = Config::default();
     config.mount_options = vec![
         MountOption::FSName(image.display().to_string()),
-        MountOption::Subtype("ckptfs".into()),
+        // fuser 0.18 mounts with mount(2) as root and always passes the type "fuse": its
+        // Subtype option only reaches fusermount3. As a mount parameter (`subtype=`, which
+        // fusermount3 also takes) the kernel itself shows "fuse.ckptfs" on both paths.
+        MountOption::CUSTOM("subtype=ckptfs".into()),
         if o.rw {
             MountOption::RW
         } else {
