@@ -10,3 +10,4 @@ mod props;
 mod reader;
 mod reliability;
 mod rw;
+mod signals;
