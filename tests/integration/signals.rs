@@ -444,3 +444,38 @@ fn signal_while_starting_is_never_lost_half_way() {
     }
     assert_check_clean(&top, "after the starts");
 }
+
+/// The daemon of a detached mount, ending when its last user leaves, must not unmount what
+/// has been mounted on the same path since (fuser 0.18 unmounted the path again at the end).
+#[test]
+fn a_mount_made_on_the_path_after_a_detach_survives_the_daemon() {
+    let (t, top) = fixture();
+    let d = t.path();
+    let mut mnt = Mount::foreground(&top, &mount_dir(d, "mnt"), None, &d.join("log"));
+    let pid = mnt.child_pid().unwrap();
+    let b = cwd_holder("holder", &mnt.path("current"));
+    let r = run_files(None, "umount", &[OsStr::new("-l"), mnt.dir.as_os_str()]);
+    assert!(r.ok, "umount -l: {r:?}");
+    common::run(
+        "mount",
+        &[
+            OsStr::new("-t"),
+            OsStr::new("tmpfs"),
+            OsStr::new("ckptfs-test"),
+            mnt.dir.as_os_str(),
+        ],
+    );
+    assert_eq!(findmnt_type(&mnt.dir), "tmpfs");
+    assert_running(pid, "holder in the detached mount");
+    assert!(b.finish().success());
+    let st = mnt.wait_child(ACCESS_TIMEOUT);
+    assert!(st.success(), "ckptfs -f after the last user left: {st}");
+    let after = mount_type(&mnt.dir);
+    // The guard unmounts the tmpfs too.
+    drop(mnt);
+    assert_eq!(
+        after.as_deref(),
+        Some("tmpfs"),
+        "the daemon unmounted the tmpfs mounted since"
+    );
+}
