@@ -15,7 +15,7 @@ use crate::mountutil::*;
 use std::ffi::OsStr;
 use std::fs::OpenOptions;
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
@@ -47,11 +47,13 @@ struct Holder {
 
 impl Holder {
     fn start(what: &str, script: &str, args: &[&OsStr]) -> Holder {
-        let mut child = Command::new("sh")
-            .arg("-c")
-            .arg(script)
-            .arg("sh")
-            .args(args)
+        let mut sh = Command::new("sh");
+        sh.arg("-c").arg(script).arg("sh").args(args);
+        Holder::spawn(what, sh)
+    }
+
+    fn spawn(what: &str, mut cmd: Command) -> Holder {
+        let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -478,4 +480,85 @@ fn a_mount_made_on_the_path_after_a_detach_survives_the_daemon() {
         Some("tmpfs"),
         "the daemon unmounted the tmpfs mounted since"
     );
+}
+
+/// The fs type of the mount on `dir` in the mount namespace of process `pid`, if any.
+fn type_in_namespace_of(pid: i32, dir: &Path) -> Option<String> {
+    let info = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).ok()?;
+    info.lines().rev().find_map(|l| {
+        let (head, tail) = l.split_once(" - ")?;
+        (head.split(' ').nth(4) == Some(s(dir)))
+            .then(|| tail.split(' ').next().unwrap_or("").to_string())
+    })
+}
+
+/// Mounted by an ordinary user (through fusermount3) the type is fuse.ckptfs too, SIGTERM
+/// detaches a busy mount through `fusermount3 -u -z` and a second signal stops the daemon.
+/// Run in a private mount namespace whose /dev/fuse is open to all (as on most distributions;
+/// the host's stays as it is), as `nobody`.
+#[test]
+fn unprivileged_mount_type_and_signals() {
+    let t = tempdir();
+    let d = t.path();
+    std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let u = d.join("u");
+    std::fs::create_dir(&u).unwrap();
+    create(&u, "base.qcow2", "8M", "", None);
+    qemu_io(&u, "base.qcow2", &["write -P 0x41 0 8M"]);
+    create(&u, "top.qcow2", "", "", Some(("base.qcow2", "qcow2")));
+    qemu_img(&u, &["bitmap", "--add", "top.qcow2", "c1"]);
+    let mnt = mount_dir(&u, "mnt");
+    common::run(
+        "chown",
+        &[OsStr::new("-R"), OsStr::new("nobody"), u.as_os_str()],
+    );
+    let top = u.join("top.qcow2");
+    // Reaps the daemon (by PID) if an assert fails.
+    let _guard = Mount::adopt(&mnt);
+    let script = r#"
+        mknod -m 666 "$1/fuse" c 10 229 && mount --bind "$1/fuse" /dev/fuse || exit 20
+        user="--reuid=$(id -u nobody) --regid=$(id -g nobody) --clear-groups"
+        setpriv $user "$2" -o rw "$1/u/top.qcow2" "$1/u/mnt" || exit 21
+        exec setpriv $user sh -c '
+            cd "$1/u/mnt/current" && exec 3<disk.img || exit 22
+            echo ready
+            read x; cat <&3 >/dev/null 2>"$1/u/cat.err"; echo "read $? $(cat "$1/u/cat.err")"
+            read x; exit 0' sh "$1"
+    "#;
+    let mut cmd = Command::new("unshare");
+    cmd.args(["-m", "--propagation", "private", "sh", "-c", script, "sh"])
+        .arg(d)
+        .arg(bin());
+    let mut h = Holder::spawn("unprivileged holder", cmd);
+    h.expect("ready");
+    let pids = ckptfs_pids_for(&mnt);
+    assert_eq!(pids.len(), 1, "one daemon: {pids:?}");
+    let pid = pids[0];
+    assert_eq!(
+        type_in_namespace_of(pid, &mnt).as_deref(),
+        Some("fuse.ckptfs"),
+        "type of a mount made through fusermount3"
+    );
+
+    signal(pid, libc::SIGTERM);
+    let start = Instant::now();
+    while type_in_namespace_of(pid, &mnt).is_some() {
+        assert!(start.elapsed() < ACCESS_TIMEOUT, "SIGTERM did not detach");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_running(pid, "after SIGTERM, one holder");
+    signal(pid, libc::SIGTERM);
+    assert!(
+        wait_pid_gone(pid, ACCESS_TIMEOUT),
+        "the daemon did not stop on a second signal"
+    );
+    h.say("read");
+    let got = h.line();
+    assert!(
+        got.starts_with("read ") && !got.starts_with("read 0") && got.contains("not connected"),
+        "the holder after the forced stop: {got:?}"
+    );
+    assert!(h.finish().success());
+    assert_no_bitmap_in_use(&top, "unprivileged, after two signals");
+    assert_check_clean(&top, "unprivileged, after two signals");
 }
