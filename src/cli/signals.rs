@@ -79,21 +79,22 @@ pub fn serve(
             let sig = signals.wait();
             detach(sig, &mountpoint, device.as_deref());
             let sig = signals.wait();
-            stop_now(sig, &core)
+            stop_now(sig, &core, &mountpoint, device.as_deref())
         })
         .map(drop)
 }
 
-/// After the session ended: unmount the mount point if the kernel still shows this daemon's
-/// mount there (a connection aborted or failed while mounted), never a mount made since.
+/// Unmount the mount point if the kernel still shows this daemon's mount (`device`) there
+/// when the daemon ends (a connection aborted while mounted, an earlier unmount that failed),
+/// never a mount made since.
 pub fn unmount_left_over(mountpoint: &Path, device: &str) {
     if mountinfo::device_of(mountpoint).as_deref() != Some(device) {
         return;
     }
     let name = mountpoint.display();
     match unmount(mountpoint) {
-        Ok(_) => log::warn!("the session ended with {name} still mounted: unmounted"),
-        Err(e) => log::error!("the session ended with {name} still mounted: {e}"),
+        Ok(_) => log::warn!("{name} was still mounted at the end: unmounted"),
+        Err(e) => log::error!("{name} is still mounted at the end: {e}"),
     }
 }
 
@@ -164,8 +165,12 @@ fn fusermount(mountpoint: &Path, flags: &[&str]) -> Result<(), String> {
     }
 }
 
-fn stop_now(sig: i32, core: &FsCore) -> ! {
+fn stop_now(sig: i32, core: &FsCore, mountpoint: &Path, device: Option<&str>) -> ! {
     log::warn!("signal {sig}: stopping now; processes still using the mount get ENOTCONN");
+    // While requests are still served: unmounting may need an answer.
+    if let Some(d) = device {
+        unmount_left_over(mountpoint, d);
+    }
     core.shutdown_then(|r| {
         let code = match r {
             Ok(()) => 0,
