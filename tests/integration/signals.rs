@@ -77,13 +77,20 @@ impl Holder {
     }
 
     /// The next line the script prints (within the access timeout).
-    fn line(&self) -> String {
-        self.lines
-            .recv_timeout(ACCESS_TIMEOUT)
-            .unwrap_or_else(|_| panic!("{}: no answer within {ACCESS_TIMEOUT:?}", self.what))
+    fn line(&mut self) -> String {
+        match self.lines.recv_timeout(ACCESS_TIMEOUT) {
+            Ok(l) => l,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                panic!("{}: no answer within {ACCESS_TIMEOUT:?}", self.what)
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                let st = self.child.wait();
+                panic!("{}: ended without answering ({st:?})", self.what)
+            }
+        }
     }
 
-    fn expect(&self, want: &str) {
+    fn expect(&mut self, want: &str) {
         let got = self.line();
         assert_eq!(got, want, "{}", self.what);
     }
@@ -136,7 +143,7 @@ fn file_holder(what: &str, dir: &Path, file: &str, rw: bool) -> Holder {
         done
     "#;
     let mode = if rw { "rw" } else { "ro" };
-    let h = Holder::start(
+    let mut h = Holder::start(
         what,
         script,
         &[dir.as_os_str(), OsStr::new(file), OsStr::new(mode)],
@@ -147,7 +154,7 @@ fn file_holder(what: &str, dir: &Path, file: &str, rw: bool) -> Holder {
 
 /// Holds `dir` as its cwd only.
 fn cwd_holder(what: &str, dir: &Path) -> Holder {
-    let h = Holder::start(
+    let mut h = Holder::start(
         what,
         r#"cd "$1" || exit 10; echo ready; while read x; do :; done"#,
         &[dir.as_os_str()],
@@ -492,7 +499,8 @@ fn type_in_namespace_of(pid: i32, dir: &Path) -> Option<String> {
 /// Mounted by an ordinary user (through fusermount3) the type is fuse.ckptfs too, SIGTERM
 /// detaches a busy mount through `fusermount3 -u -z` and a second signal stops the daemon.
 /// Run in a private mount namespace whose /dev/fuse is open to all (as on most distributions;
-/// the host's stays as it is), as `nobody`.
+/// the host's stays as it is; the node lives on a tmpfs of that namespace, as /tmp may be
+/// nodev), as `nobody`.
 #[test]
 fn unprivileged_mount_type_and_signals() {
     let t = tempdir();
@@ -513,7 +521,8 @@ fn unprivileged_mount_type_and_signals() {
     // Reaps the daemon (by PID) if an assert fails.
     let _guard = Mount::adopt(&mnt);
     let script = r#"
-        mknod -m 666 "$1/fuse" c 10 229 && mount --bind "$1/fuse" /dev/fuse || exit 20
+        mkdir "$1/dev" && mount -t tmpfs -o dev,mode=755 ckptfs-test "$1/dev" &&
+            mknod -m 666 "$1/dev/fuse" c 10 229 && mount --bind "$1/dev/fuse" /dev/fuse || exit 20
         user="--reuid=$(id -u nobody) --regid=$(id -g nobody) --clear-groups"
         setpriv $user "$2" -o rw "$1/u/top.qcow2" "$1/u/mnt" || exit 21
         exec setpriv $user sh -c '
