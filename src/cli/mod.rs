@@ -4,8 +4,10 @@
 pub mod args;
 pub mod ls;
 pub mod mount;
+mod mountinfo;
 pub mod options;
 pub mod setup;
+mod signals;
 
 use args::Command;
 

@@ -1,9 +1,10 @@
 //! The mount command: check everything while the caller's terminal still sees errors, then
 //! fork (before any thread exists), mount in the child and report success or the error text
-//! to the waiting parent through a pipe. SIGTERM/SIGINT/SIGHUP unmount cleanly.
+//! to the waiting parent through a pipe. SIGTERM/SIGINT/SIGHUP stop it cleanly (`signals`).
 
 use super::options::MountOptions;
-use super::setup;
+use super::signals::{self, StopSignals};
+use super::{mountinfo, setup};
 use crate::chain::access;
 use crate::chain::lock::{self, LockMode};
 use crate::chain::write::Writer;
@@ -106,7 +107,10 @@ fn prepare(image: &Path, mountpoint: &Path, o: &MountOptions) -> Result<Prepared
     let mut config = Config::default();
     config.mount_options = vec![
         MountOption::FSName(image.display().to_string()),
-        MountOption::Subtype("ckptfs".into()),
+        // fuser 0.18 mounts with mount(2) as root and always passes the type "fuse": its
+        // Subtype option only reaches fusermount3. As a mount parameter (`subtype=`, which
+        // fusermount3 also takes) the kernel itself shows "fuse.ckptfs" on both paths.
+        MountOption::CUSTOM("subtype=ckptfs".into()),
         if o.rw {
             MountOption::RW
         } else {
@@ -135,49 +139,26 @@ fn prepare(image: &Path, mountpoint: &Path, o: &MountOptions) -> Result<Prepared
     })
 }
 
-fn block_signals() -> libc::sigset_t {
-    // SAFETY: sigset_t is plain data; the calls only initialise and install it.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for s in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
-            libc::sigaddset(&mut set, s);
-        }
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-        set
-    }
-}
-
-/// Ask the kernel for larger readahead on the new mount (its FUSE bdi starts at 128 KiB, which
-/// caps sequential requests at 128 KiB). Best effort: needs root, silently skipped otherwise.
-fn raise_readahead(mountpoint: &Path) {
-    // The device number comes from mountinfo: a stat of the mountpoint would wait on this
-    // very daemon, which is not serving yet.
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return;
-    };
-    let want = mountpoint.display().to_string().replace(' ', "\\040");
-    let Some(dev) = info.lines().rev().find_map(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        (f.get(4) == Some(&want.as_str()))
-            .then(|| f.get(2).map(|d| d.to_string()))
-            .flatten()
-    }) else {
-        return;
-    };
-    let path = format!("/sys/class/bdi/{dev}/read_ahead_kb");
+/// Ask the kernel for larger readahead on the new mount, the kernel's `device` (its FUSE bdi
+/// starts at 128 KiB, which caps sequential requests at 128 KiB). Best effort: needs root,
+/// silently skipped otherwise.
+fn raise_readahead(device: &str) {
+    let path = format!("/sys/class/bdi/{device}/read_ahead_kb");
     if let Err(e) = std::fs::write(&path, "4096") {
         log::debug!("{path}: {e}");
     }
 }
 
 /// Mount and serve until unmounted. `ready` is called once the mount is up (or failed).
-fn serve(p: Prepared, ready: impl FnOnce(std::result::Result<(), String>)) -> Result<()> {
-    let set = block_signals();
+fn serve(
+    p: Prepared,
+    stop: StopSignals,
+    ready: impl FnOnce(std::result::Result<(), String>),
+) -> Result<()> {
     let fs = FuseFs {
         core: p.core.clone(),
     };
-    let mut session = match fuser::Session::new(fs, &p.mountpoint, &p.config) {
+    let session = match fuser::Session::new(fs, &p.mountpoint, &p.config) {
         Ok(s) => s,
         Err(e) => {
             let err = Error::io(format!("{}: mount failed", p.mountpoint.display()), e);
@@ -186,27 +167,44 @@ fn serve(p: Prepared, ready: impl FnOnce(std::result::Result<(), String>)) -> Re
         }
     };
     p.core.set_invalidator(invalidator(session.notifier()));
-    let mut unmounter = session.unmount_callable();
-    std::thread::spawn(move || {
-        let mut sig = 0;
-        // SAFETY: `set` is an initialised signal set; sigwait writes the signal number.
-        unsafe { libc::sigwait(&set, &mut sig) };
-        log::info!("signal {sig}: unmounting");
-        if let Err(e) = unmounter.unmount() {
-            log::error!("unmount failed: {e}");
-        }
-    });
+    let device = mountinfo::device_of(&p.mountpoint);
+    if let Err(e) = signals::serve(stop, p.mountpoint.clone(), device.clone(), p.core.clone()) {
+        let err = Error::io("signal thread", e);
+        ready(Err(err.to_string()));
+        return Err(err);
+    }
     log::info!(
         "mounted {} on {} ({} checkpoints)",
         p.core.state().engine.model.chain.top().path.display(),
         p.mountpoint.display(),
         p.core.state().engine.model.checkpoints.len()
     );
-    raise_readahead(&p.mountpoint);
+    if let Some(d) = &device {
+        raise_readahead(d);
+    }
     ready(Ok(()));
-    session_ended(session.run()).map_err(|e| Error::io("FUSE session", e))?;
+    let ended = session_ended(run_session(session));
+    if let Some(d) = &device {
+        signals::unmount_left_over(&p.mountpoint, d);
+    }
+    ended.map_err(|e| Error::io("FUSE session", e))?;
     log::info!("unmounted {}", p.mountpoint.display());
     Ok(())
+}
+
+/// Serve until the kernel ends the connection. fuser 0.18's session, dropped, unmounts its
+/// mount point by path even when the kernel has already ended the connection (its is_mounted
+/// takes POLLERR for "mounted"), and after a lazy detach that path may hold another mount by
+/// then. So the session runs in fuser's background thread, joined through a swapped-out
+/// handle, its mount guard is forgotten, and `signals::unmount_left_over` checks the device
+/// before unmounting anything.
+fn run_session(session: fuser::Session<FuseFs>) -> std::io::Result<()> {
+    let mut bg = session.spawn()?;
+    let guard = std::mem::replace(&mut bg.guard, std::thread::spawn(|| Ok(())));
+    std::mem::forget(bg);
+    guard
+        .join()
+        .map_err(|_| std::io::Error::other("the FUSE session thread panicked"))?
 }
 
 /// Drops the kernel's cached pages and attributes of inodes, through FUSE notifications.
@@ -262,9 +260,11 @@ pub fn run(image: &Path, mountpoint: &Path, o: &MountOptions, foreground: bool) 
         eprintln!("ckptfs: mounting read-only (mount(8) passes rw by default; use -o rw,writable to write)");
     }
     let o = &o;
+    // From here on a stop signal waits for the daemon's signal thread (or is passed to it).
+    let stop = StopSignals::block();
     let prepared = prepare(image, mountpoint, o)?;
     if foreground {
-        return serve(prepared, |_| {});
+        return serve(prepared, stop, |_| {});
     }
     let mut fds = [0i32; 2];
     // SAFETY: fds is a valid 2-element array for pipe(2).
@@ -281,7 +281,7 @@ pub fn run(image: &Path, mountpoint: &Path, o: &MountOptions, foreground: bool) 
             // SAFETY: setsid in the fresh child detaches it from the terminal's session.
             unsafe { libc::setsid() };
             let mut wr = std::fs::File::from(wr);
-            let r = serve(prepared, move |status| {
+            let r = serve(prepared, stop, move |status| {
                 let msg = match status {
                     Ok(()) => "OK\n".to_string(),
                     Err(m) => format!("ERR {m}\n"),
@@ -292,7 +292,7 @@ pub fn run(image: &Path, mountpoint: &Path, o: &MountOptions, foreground: bool) 
             });
             std::process::exit(if r.is_ok() { 0 } else { 1 });
         }
-        _child => {
+        child => {
             drop(wr);
             // The child owns the mount now: this process must not run the writer's close
             // (which would store bitmaps and clear in_use under the child's feet).
@@ -300,7 +300,10 @@ pub fn run(image: &Path, mountpoint: &Path, o: &MountOptions, foreground: bool) 
             let mut msg = String::new();
             let _ = std::fs::File::from(rd).read_to_string(&mut msg);
             match msg.strip_prefix("OK") {
-                Some(_) => Ok(()),
+                Some(_) => {
+                    stop.forward_pending(child);
+                    Ok(())
+                }
                 None => Err(Error::io(
                     msg.strip_prefix("ERR ")
                         .map_or("the daemon died before mounting", str::trim)
@@ -361,7 +364,9 @@ pub fn spawn(image: &Path, mountpoint: &Path, o: &MountOptions) -> Result<Mounte
     let session = fuser::spawn_mount(fs, &p.mountpoint, &p.config)
         .map_err(|e| Error::io(format!("{}: mount failed", p.mountpoint.display()), e))?;
     p.core.set_invalidator(invalidator(session.notifier()));
-    raise_readahead(&p.mountpoint);
+    if let Some(d) = mountinfo::device_of(&p.mountpoint) {
+        raise_readahead(&d);
+    }
     Ok(Mounted {
         session: Some(session),
         core: p.core,

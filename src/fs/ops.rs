@@ -673,10 +673,24 @@ impl FsCore {
 
     /// Store bitmaps and clear in_use (clean unmount).
     pub fn shutdown(&self) {
-        if let Some(w) = &self.writer {
-            if let Err(e) = w.lock().close() {
+        self.shutdown_then(|r| {
+            if let Err(e) = r {
                 log::error!("closing the image: {e}");
             }
+        })
+    }
+
+    /// `shutdown`, then `then` with its outcome while the writer is still held: no request can
+    /// write (unrecorded by the stored bitmaps) after them. For a process that exits in `then`
+    /// while requests may still arrive.
+    pub fn shutdown_then<T>(&self, then: impl FnOnce(Result<()>) -> T) -> T {
+        match &self.writer {
+            Some(w) => {
+                let mut w = w.lock();
+                let r = w.close();
+                then(r)
+            }
+            None => then(Ok(())),
         }
     }
 

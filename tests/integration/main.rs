@@ -14,3 +14,4 @@ mod reader;
 mod refusals;
 mod reliability;
 mod rw;
+mod signals;
