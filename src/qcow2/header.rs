@@ -3,7 +3,10 @@
 //! length, and returns a header whose table offsets have been checked against both.
 
 use super::bytes::{slice_at, u32_at, u64_at};
+use super::types::HostOffset;
 use crate::error::{Error, Result};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 
 pub const MAGIC: u32 = 0x5146_49fb;
 
@@ -19,9 +22,15 @@ pub const AUTOCLEAR_BITMAPS: u64 = 1 << 0;
 const EXT_END: u32 = 0;
 const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
 const EXT_FEATURE_NAMES: u32 = 0x6803_f857;
-const EXT_BITMAPS: u32 = 0x2385_2875;
+pub const EXT_BITMAPS: u32 = 0x2385_2875;
 const EXT_CRYPTO: u32 = 0x0537_be77;
 const EXT_DATA_FILE: u32 = 0x4441_5441;
+
+/// Byte positions of the header fields a writer stores.
+const AT_BACKING_FILE_OFFSET: usize = 8;
+const AT_BACKING_FILE_SIZE: usize = 16;
+const AT_REFCOUNT_TABLE_OFFSET: u64 = 48;
+const AT_AUTOCLEAR_FEATURES: usize = 88;
 
 /// Largest L1 table QEMU opens (QCOW_MAX_L1_SIZE, 32 MiB).
 const MAX_L1_BYTES: u64 = 32 << 20;
@@ -71,6 +80,18 @@ pub struct BitmapsExt {
     pub nb_bitmaps: u32,
     pub bitmap_directory_size: u64,
     pub bitmap_directory_offset: u64,
+}
+
+impl BitmapsExt {
+    /// The extension's data as stored (24 bytes).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut d = Vec::with_capacity(24);
+        d.extend_from_slice(&self.nb_bitmaps.to_be_bytes());
+        d.extend_from_slice(&0u32.to_be_bytes());
+        d.extend_from_slice(&self.bitmap_directory_size.to_be_bytes());
+        d.extend_from_slice(&self.bitmap_directory_offset.to_be_bytes());
+        d
+    }
 }
 
 /// A parsed and checked qcow2 header. Field names follow the spec.
@@ -417,6 +438,87 @@ pub fn extensions(c0: &[u8], header_length: u32, end: u64) -> Result<(Vec<Extens
         off = off.checked_add(8 + len.div_ceil(8) * 8).ok_or_else(past)?;
     }
     Ok((out, off))
+}
+
+fn wio(e: std::io::Error) -> Error {
+    Error::io("write header", e)
+}
+
+/// Store the refcount table location (offset and clusters, one write).
+pub fn store_refcount_table(file: &File, offset: HostOffset, clusters: u32) -> Result<()> {
+    let mut b = [0u8; 12];
+    b[..8].copy_from_slice(&offset.0.to_be_bytes());
+    b[8..].copy_from_slice(&clusters.to_be_bytes());
+    file.write_all_at(&b, AT_REFCOUNT_TABLE_OFFSET).map_err(wio)
+}
+
+/// Store the autoclear feature bits.
+pub fn store_autoclear(file: &File, bits: u64) -> Result<()> {
+    file.write_all_at(&bits.to_be_bytes(), AT_AUTOCLEAR_FEATURES as u64)
+        .map_err(wio)
+}
+
+/// Rewrite the header extension area of the first cluster `c0` (as it is on disk now: an
+/// earlier rewrite may have moved the backing file name) with `bitmaps` as the bitmaps
+/// extension (dropped if None) and the matching autoclear bit, the other extensions and the
+/// backing file name kept. Returns the bytes to write at offset 0 in one write, as QEMU's
+/// header update does: what the old layout had past the new end is cleared.
+pub fn rewrite_extensions(
+    c0: &[u8],
+    header_length: u32,
+    backing: &[u8],
+    bitmaps: Option<BitmapsExt>,
+) -> Result<Vec<u8>> {
+    let cs = c0.len();
+    let hl = header_length as usize;
+    if hl < 104 {
+        return Err(Error::unsupported("qcow2 v2 images cannot store bitmaps"));
+    }
+    let name_off = u64_at(c0, AT_BACKING_FILE_OFFSET, "backing_file_offset")?;
+    let name_len = u64::from(u32_at(c0, AT_BACKING_FILE_SIZE, "backing_file_size")?);
+    let (found, at) = extensions(c0, header_length, extensions_end(name_off, cs as u64))?;
+    let mut exts: Vec<(u32, Vec<u8>)> = found
+        .into_iter()
+        .filter(|(ty, _)| *ty != EXT_BITMAPS)
+        .map(|(ty, d)| (ty, d.to_vec()))
+        .collect();
+    if let Some(b) = bitmaps {
+        exts.push((EXT_BITMAPS, b.to_bytes()));
+    }
+    let mut out = slice_at(c0, 0, hl, "header")?.to_vec();
+    for (ty, d) in &exts {
+        out.extend_from_slice(&ty.to_be_bytes());
+        out.extend_from_slice(&(d.len() as u32).to_be_bytes());
+        out.extend_from_slice(d);
+        while out.len() % 8 != 0 {
+            out.push(0);
+        }
+    }
+    out.extend_from_slice(&[0u8; 8]);
+    let backing_off = out.len() as u64;
+    out.extend_from_slice(backing);
+    if out.len() > cs {
+        return Err(Error::unsupported(
+            "header extensions do not fit in the first cluster",
+        ));
+    }
+    if !backing.is_empty() {
+        out[AT_BACKING_FILE_OFFSET..AT_BACKING_FILE_OFFSET + 8]
+            .copy_from_slice(&backing_off.to_be_bytes());
+    }
+    let autoclear = if bitmaps.is_some() {
+        AUTOCLEAR_BITMAPS
+    } else {
+        0
+    };
+    out[AT_AUTOCLEAR_FEATURES..AT_AUTOCLEAR_FEATURES + 8].copy_from_slice(&autoclear.to_be_bytes());
+    let old_name_end = match name_off {
+        0 => 0,
+        o => o.saturating_add(name_len).min(cs as u64) as usize,
+    };
+    let old_end = (at + 8).max(old_name_end);
+    out.resize(out.len().max(old_end.min(cs)), 0);
+    Ok(out)
 }
 
 fn string_field(data: &[u8], what: &str) -> Result<String> {

@@ -2,7 +2,9 @@
 //! "Cluster mapping" and "Extended L2 Entries"). Pure: entries in, mapping out. The decisions
 //! mirror QEMU's `qcow2_get_subcluster_type`.
 
+use super::types::HostOffset;
 use crate::error::{Error, Result};
+use std::sync::Arc;
 
 pub const L1E_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 pub const L2E_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
@@ -17,9 +19,9 @@ pub const SUBCLUSTERS: u32 = 32;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mapping {
     /// Plain data at this host offset (the offset of the first byte of the range).
-    Data(u64),
+    Data(HostOffset),
     /// The whole cluster is compressed; `host_off`/`len` is the span holding its stream.
-    Compressed { host_off: u64, len: u64 },
+    Compressed { host_off: HostOffset, len: u64 },
     /// Reads as zeros; the backing file is not consulted.
     Zero,
     /// Not in this layer: read the next layer down.
@@ -30,6 +32,141 @@ impl Mapping {
     /// Allocated in the sense of `qemu-img map`'s "present at this depth".
     pub fn is_allocated(&self) -> bool {
         !matches!(self, Mapping::Unallocated)
+    }
+}
+
+/// One L2 entry: the descriptor word and, with extended L2 entries, the subcluster bitmap
+/// (0 otherwise).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct L2Entry {
+    pub entry: u64,
+    pub bitmap: u64,
+}
+
+impl L2Entry {
+    pub fn is_compressed(&self) -> bool {
+        self.entry & OFLAG_COMPRESSED != 0
+    }
+
+    /// COPIED: the cluster is not shared (refcount 1).
+    pub fn is_copied(&self) -> bool {
+        self.entry & OFLAG_COPIED != 0
+    }
+
+    /// The host cluster offset of an uncompressed entry (0: none).
+    pub fn offset(&self) -> HostOffset {
+        HostOffset(self.entry & L2E_OFFSET_MASK)
+    }
+
+    /// Present at this depth in the sense of `qemu-img map` (standard entries: data, zero or
+    /// compressed).
+    pub fn is_present(&self) -> bool {
+        self.entry & (L2E_OFFSET_MASK | OFLAG_ZERO | OFLAG_COMPRESSED) != 0
+    }
+
+    /// The same mapping, ignoring COPIED (which only says whether the cluster is shared).
+    pub fn same_mapping(&self, other: &L2Entry) -> bool {
+        self.entry & !OFLAG_COPIED == other.entry & !OFLAG_COPIED && self.bitmap == other.bitmap
+    }
+}
+
+/// One L2 table as stored: `len()` entries of one big-endian word, or two with extended L2
+/// entries. The only place that knows how entries are laid out in a table.
+#[derive(Debug, Clone)]
+pub struct L2Table {
+    words: Arc<[u64]>,
+    extended: bool,
+}
+
+impl L2Table {
+    /// Decode a table from its on-disk bytes (one cluster).
+    pub fn parse(buf: &[u8], extended: bool) -> L2Table {
+        L2Table {
+            words: super::bytes::u64_table(buf).into(),
+            extended,
+        }
+    }
+
+    /// A table with every entry unallocated.
+    pub fn empty(geo: &Geometry) -> L2Table {
+        L2Table {
+            words: std::iter::repeat_n(0, (geo.l2_entries() * geo.words()) as usize).collect(),
+            extended: geo.extended,
+        }
+    }
+
+    fn words(&self) -> usize {
+        if self.extended {
+            2
+        } else {
+            1
+        }
+    }
+
+    /// Entries in the table.
+    pub fn len(&self) -> u64 {
+        (self.words.len() / self.words()) as u64
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.words.is_empty()
+    }
+
+    /// Entry `i` (an unallocated entry past the end).
+    pub fn get(&self, i: u64) -> L2Entry {
+        let w = self.words();
+        let at = usize::try_from(i).unwrap_or(usize::MAX).saturating_mul(w);
+        let word = |k: usize| {
+            at.checked_add(k)
+                .and_then(|j| self.words.get(j))
+                .copied()
+                .unwrap_or(0)
+        };
+        L2Entry {
+            entry: word(0),
+            bitmap: if w == 2 { word(1) } else { 0 },
+        }
+    }
+
+    /// Every entry, in order.
+    pub fn iter(&self) -> impl Iterator<Item = L2Entry> + '_ {
+        (0..self.len()).map(|i| self.get(i))
+    }
+
+    /// A copy with entries `(index, entry)` replaced.
+    pub fn with(&self, updates: impl IntoIterator<Item = (u64, L2Entry)>) -> L2Table {
+        let w = self.words();
+        let mut words = self.words.to_vec();
+        for (i, e) in updates {
+            let at = i as usize * w;
+            if let Some(slot) = words.get_mut(at) {
+                *slot = e.entry;
+            }
+            if w == 2 {
+                if let Some(slot) = words.get_mut(at + 1) {
+                    *slot = e.bitmap;
+                }
+            }
+        }
+        L2Table {
+            words: words.into(),
+            extended: self.extended,
+        }
+    }
+
+    /// The whole table as stored.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        self.words.iter().flat_map(|e| e.to_be_bytes()).collect()
+    }
+
+    /// Entry `i` as stored, and its byte position in the table.
+    pub fn entry_bytes(&self, i: u64) -> (u64, Vec<u8>) {
+        let e = self.get(i);
+        let mut out = e.entry.to_be_bytes().to_vec();
+        if self.extended {
+            out.extend_from_slice(&e.bitmap.to_be_bytes());
+        }
+        (i * self.words() as u64 * 8, out)
     }
 }
 
@@ -48,6 +185,15 @@ impl Geometry {
     /// Entries per L2 table.
     pub fn l2_entries(&self) -> u64 {
         self.cluster_size() / if self.extended { 16 } else { 8 }
+    }
+
+    /// Words (u64) per L2 entry.
+    pub fn words(&self) -> u64 {
+        if self.extended {
+            2
+        } else {
+            1
+        }
     }
 
     /// Guest bytes one L2 table maps.
@@ -69,17 +215,17 @@ impl Geometry {
     }
 
     /// Split a compressed descriptor into (host byte offset, span length in bytes).
-    pub fn compressed_span(&self, entry: u64) -> (u64, u64) {
+    pub fn compressed_span(&self, entry: u64) -> (HostOffset, u64) {
         let shift = self.csize_shift();
         let host_off = entry & ((1u64 << shift) - 1);
         let nsect = ((entry >> shift) & ((1u64 << (self.cluster_bits - 8)) - 1)) + 1;
-        (host_off, nsect * 512 - (host_off & 511))
+        (HostOffset(host_off), nsect * 512 - (host_off & 511))
     }
 
-    /// Decode one L2 entry (`bitmap` is the second word of an extended entry, else 0) at
-    /// `in_off` bytes into its cluster. Returns the mapping and how many bytes from `in_off`
-    /// it covers without change (to the end of the cluster at most).
-    pub fn decode(&self, entry: u64, bitmap: u64, in_off: u64) -> Result<(Mapping, u64)> {
+    /// Decode one L2 entry at `in_off` bytes into its cluster. Returns the mapping and how
+    /// many bytes from `in_off` it covers without change (to the end of the cluster at most).
+    pub fn decode(&self, e: L2Entry, in_off: u64) -> Result<(Mapping, u64)> {
+        let L2Entry { entry, bitmap } = e;
         let cs = self.cluster_size();
         let rest = cs - in_off;
         if entry & OFLAG_COMPRESSED != 0 {
@@ -103,7 +249,7 @@ impl Geometry {
             } else if offset == 0 {
                 Mapping::Unallocated
             } else {
-                Mapping::Data(offset + in_off)
+                Mapping::Data(HostOffset(offset + in_off))
             };
             return Ok((m, rest));
         }
@@ -125,7 +271,7 @@ impl Geometry {
         let run = (u64::from(last) << sc_bits) - in_off;
         let m = match s0 {
             (_, 1) => Mapping::Zero,
-            (1, _) => Mapping::Data(offset + in_off),
+            (1, _) => Mapping::Data(HostOffset(offset + in_off)),
             _ => Mapping::Unallocated,
         };
         Ok((m, run))
@@ -147,6 +293,10 @@ pub fn l1_entry_offset(entry: u64, cluster_size: u64) -> Result<u64> {
 mod tests {
     use super::*;
 
+    fn d(g: Geometry, entry: u64, bitmap: u64, in_off: u64) -> Result<(Mapping, u64)> {
+        g.decode(L2Entry { entry, bitmap }, in_off)
+    }
+
     const G64: Geometry = Geometry {
         cluster_bits: 16,
         extended: false,
@@ -158,29 +308,29 @@ mod tests {
 
     #[test]
     fn standard_entries() {
-        assert_eq!(G64.decode(0, 0, 0).unwrap(), (Mapping::Unallocated, 65536));
-        assert_eq!(G64.decode(1, 0, 4096).unwrap(), (Mapping::Zero, 61440));
+        assert_eq!(d(G64, 0, 0, 0).unwrap(), (Mapping::Unallocated, 65536));
+        assert_eq!(d(G64, 1, 0, 4096).unwrap(), (Mapping::Zero, 61440));
         assert_eq!(
-            G64.decode(0x8000_0000_0005_0001, 0, 0).unwrap().0,
+            d(G64, 0x8000_0000_0005_0001, 0, 0).unwrap().0,
             Mapping::Zero,
             "preallocated zero cluster keeps its offset but reads zeros"
         );
         assert_eq!(
-            G64.decode(0x8000_0000_0004_0000, 0, 10).unwrap(),
-            (Mapping::Data(0x40000 + 10), 65526)
+            d(G64, 0x8000_0000_0004_0000, 0, 10).unwrap(),
+            (Mapping::Data(HostOffset(0x40000 + 10)), 65526)
         );
-        assert!(G64.decode(0x8000_0000_0004_0200, 0, 0).is_err());
+        assert!(d(G64, 0x8000_0000_0004_0200, 0, 0).is_err());
     }
 
     #[test]
     fn compressed_descriptor() {
         // 64 KiB clusters: x = 54, 8 count bits; host 0x50123, 3 additional sectors.
         let e = OFLAG_COMPRESSED | (3u64 << 54) | 0x50123;
-        let (m, _) = G64.decode(e, 0, 0).unwrap();
+        let (m, _) = d(G64, e, 0, 0).unwrap();
         assert_eq!(
             m,
             Mapping::Compressed {
-                host_off: 0x50123,
+                host_off: HostOffset(0x50123),
                 len: 4 * 512 - 0x123
             }
         );
@@ -192,24 +342,21 @@ mod tests {
         let bitmap = 0x0000_0100_0000_001e;
         let e = 0x8000_0000_0006_0000;
         assert_eq!(
-            G128X.decode(e, bitmap, 0).unwrap(),
+            d(G128X, e, bitmap, 0).unwrap(),
             (Mapping::Unallocated, 4096)
         );
         assert_eq!(
-            G128X.decode(e, bitmap, 4096).unwrap(),
-            (Mapping::Data(0x60000 + 4096), 4 * 4096)
+            d(G128X, e, bitmap, 4096).unwrap(),
+            (Mapping::Data(HostOffset(0x60000 + 4096)), 4 * 4096)
         );
+        assert_eq!(d(G128X, e, bitmap, 32768).unwrap(), (Mapping::Zero, 4096));
         assert_eq!(
-            G128X.decode(e, bitmap, 32768).unwrap(),
-            (Mapping::Zero, 4096)
-        );
-        assert_eq!(
-            G128X.decode(0, 0xffff_ffff_0000_0000, 0).unwrap(),
+            d(G128X, 0, 0xffff_ffff_0000_0000, 0).unwrap(),
             (Mapping::Zero, 131072)
         );
-        assert!(G128X.decode(e, 0x0000_0001_0000_0001, 0).is_err());
-        assert!(G128X.decode(0, 1, 0).is_err());
+        assert!(d(G128X, e, 0x0000_0001_0000_0001, 0).is_err());
+        assert!(d(G128X, 0, 1, 0).is_err());
         // Bit 0 of the entry is not a zero flag with extended L2.
-        assert_eq!(G128X.decode(1, 0, 0).unwrap().0, Mapping::Unallocated);
+        assert_eq!(d(G128X, 1, 0, 0).unwrap().0, Mapping::Unallocated);
     }
 }
