@@ -1,4 +1,5 @@
 //! Integration tests: one binary, one module per area.
+mod backup;
 mod checkpoints_rw;
 mod common;
 mod contrib;
