@@ -226,6 +226,7 @@ fn scripts_pass_shellcheck() {
         contrib("ckptfs-backup"),
         contrib("ckptfs-restore"),
         contrib("ckptfs.bash-completion"),
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/integration/libvirt-ns.sh"),
     ];
     for f in &files {
         common::run("bash", &[OsStr::new("-n"), f.as_os_str()]);

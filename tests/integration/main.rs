@@ -5,6 +5,7 @@ mod common;
 mod contrib;
 mod faults;
 mod hostile;
+mod libvirt;
 mod mount;
 mod mountutil;
 mod props;
