@@ -379,9 +379,34 @@ fn live_backup_loop() {
     );
     let r = env.ok("ckptfs-backup", &["inc", "--domain", DOM, "repo"]);
     assert!(r.stdout.contains("snapshot 0.00"), "{}", r.stdout);
+    std::fs::copy(env.p("model.raw"), env.p("t4.raw")).unwrap();
+    // libvirt knows the checkpoint taken offline (redefined), so the next live backup's
+    // snapshot and commit carry it: started again, written, backed up live, exact.
+    assert_eq!(
+        lv.checkpoints(),
+        vec![backup::backups(&env, "repo")[3]["checkpoint"]
+            .as_str()
+            .unwrap()
+            .to_string()]
+    );
+    lv.virsh(&["start", DOM]);
+    let g = Guest {
+        lv: &lv,
+        env: &env,
+        qdev: lv.qdev(),
+    };
+    g.io(&["write -P 0x42 14M 128k", "write -z 2M 64k"]);
+    env.ok("ckptfs-backup", &["inc", "--domain", DOM, "repo"]);
+    g.truth("t5.raw");
     let files = backup::check_repo(&env, "repo");
-    assert_eq!(files.len(), 4);
-    assert!(env.same("model.raw", &format!("repo/{}", files[3])));
+    assert_eq!(files.len(), 5);
+    backup::check_mounted_history(
+        &env,
+        "repo",
+        &files,
+        &["t1.raw", "t2.raw", "t3.raw", "t4.raw", "t5.raw"].map(String::from),
+    );
+    check_domain_after(&env, &lv, "repo");
 }
 
 /// Failures on a running domain: the copy killed mid-way, REPO full, the VM destroyed in the
