@@ -320,6 +320,16 @@ fn live_backup_loop() {
         env: &env,
         qdev: lv.qdev(),
     };
+    env.fails(
+        "ckptfs-backup",
+        &["full", "--domain", "nosuch", "repo"],
+        "domain: ",
+    );
+    env.fails(
+        "ckptfs-backup",
+        &["full", "--domain", DOM, "--disk", "vdz", "repo"],
+        "no disk vdz (disks: vda)",
+    );
     let r = env.ok("ckptfs-backup", &["full", "--domain", DOM, "repo"]);
     assert!(r.stdout.contains("snapshot"), "{}", r.stdout);
     g.truth("t1.raw");
