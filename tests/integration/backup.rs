@@ -79,7 +79,7 @@ pub struct Env {
     pub dir: PathBuf,
     guard: ScriptMounts,
     wrap: Vec<String>,
-    pub vars: Vec<(String, String)>,
+    pub vars: std::cell::RefCell<Vec<(String, String)>>,
 }
 
 impl Env {
@@ -93,7 +93,7 @@ impl Env {
             guard: ScriptMounts { tmp, ns: None },
             _root: root,
             wrap: Vec::new(),
-            vars: Vec::new(),
+            vars: Default::default(),
         }
     }
 
@@ -131,7 +131,7 @@ impl Env {
             .stdin(Stdio::null())
             .stdout(File::create(out).unwrap())
             .stderr(File::create(err).unwrap());
-        for (k, v) in &self.vars {
+        for (k, v) in self.vars.borrow().iter() {
             c.env(k, v);
         }
         c

@@ -87,6 +87,7 @@ impl Libvirt {
             .unwrap();
         env.enter_namespace(lv.pid);
         env.vars
+            .borrow_mut()
             .push(("LIBVIRT_DEFAULT_URI".into(), "qemu:///system".into()));
         Some(lv)
     }
@@ -547,12 +548,46 @@ fn live_backup_failures_recover() {
     env.ok("ckptfs-backup", &["inc", "--domain", DOM, "small"]);
     g.truth("t5.raw");
 
+    // 4. The block commit refused (a virsh that fails blockcommit, as $VIRSH): retried, then
+    // one line naming the step, no backup published, the domain left on the overlay; the
+    // next run (the real virsh) commits it and backs up.
+    g.io(&["write -P 0x91 28M 256k"]);
+    let fake = env.p("fake-virsh");
+    std::fs::write(
+        &fake,
+        r#"#!/bin/sh
+[ "$1" != blockcommit ] || { echo 'error: refused for the test' >&2; exit 1; }
+exec virsh "$@"
+"#,
+    )
+    .unwrap();
+    common::run("chmod", &["755", mountutil::s(&fake)]);
+    env.vars
+        .borrow_mut()
+        .push(("VIRSH".into(), mountutil::s(&fake).into()));
+    let e = env.fails(
+        "ckptfs-backup",
+        &["inc", "--domain", DOM, "small"],
+        "commit: ",
+    );
+    assert!(e.contains("refused for the test"), "{e}");
+    env.vars.borrow_mut().pop();
+    assert_eq!(backup::backups(&env, "small").len(), 5);
+    assert!(lv.sources()[0].ends_with(".ckptfs-backup.qcow2"));
+    let r = env.ok("ckptfs-backup", &["inc", "--domain", DOM, "small"]);
+    assert!(
+        r.stderr.contains("finishing the block commit"),
+        "{}",
+        r.stderr
+    );
+    g.truth("t6.raw");
+
     let files = backup::check_repo(&env, "small");
     backup::check_mounted_history(
         &env,
         "small",
         &files,
-        &["t1.raw", "t2.raw", "t3.raw", "t4.raw", "t5.raw"].map(String::from),
+        &["t1.raw", "t2.raw", "t3.raw", "t4.raw", "t5.raw", "t6.raw"].map(String::from),
     );
     env.ok("ckptfs-backup", &["verify", "small"]);
     check_domain_after(&env, &lv, "small");
