@@ -707,6 +707,38 @@ fn backup_refusals_are_one_line() {
         assert!(names.is_empty(), "{repo}: left {names:?}");
     }
     assert_eq!(env.bitmaps("d.qcow2"), vec!["k2".to_string()]);
+
+    // One backup of a disk at a time: a second one (any REPO) is refused while the first
+    // waits in its hook before the copy (nothing of it mounted then).
+    env.qemu_img(&["create", "-q", "-f", "qcow2", "e.qcow2", "8M"]);
+    let logs = common::tempdir();
+    let hook = r#"f() { [ "$1" != copy ] || { touch hooked; sleep 3; }; }; f"#;
+    let mut first = env
+        .command(
+            "ckptfs-backup",
+            &["full", "e.qcow2", "r3", "--hook", hook],
+            &logs.path().join("out"),
+            &logs.path().join("err"),
+        )
+        .env("TMPDIR", logs.path())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !env.p("hooked").exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the first backup never started"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    env.fails(
+        "ckptfs-backup",
+        &["full", "e.qcow2", "r4"],
+        "another ckptfs-backup",
+    );
+    assert!(first.wait().unwrap().success(), "the first backup");
+    assert!(!env.p("r4/backup.json").exists());
+    assert_eq!(backups(&env, "r3").len(), 1);
 }
 
 /// REPO on a small file system: the incremental that does not fit fails at the copy step with
