@@ -129,7 +129,12 @@ impl Libvirt {
             );
             let path = self.state.join("dom.xml");
             std::fs::write(&path, xml).unwrap();
-            self.virsh(&["define", mountutil::s(&path)]);
+            // Without usable KVM, libvirt refuses type kvm at define or at start.
+            let r = self.try_virsh(&["define", mountutil::s(&path)]);
+            if !r.ok {
+                eprintln!("  domain type {kind} refused: {}", r.stderr.trim());
+                continue;
+            }
             let r = self.try_virsh(&["start", DOM]);
             if r.ok {
                 eprintln!("  domain {DOM} started ({kind})");
