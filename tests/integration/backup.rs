@@ -607,6 +607,16 @@ fn backup_repo_end_to_end() {
     std::os::unix::fs::FileExt::write_all_at(&f, b"\xde\xad", host).unwrap();
     drop(f);
     env.fails("ckptfs-backup", &["verify", "bad"], &files[2]);
+    // backup.json and the files disagree: verify says so.
+    common::run_in(Some(&env.dir), "cp", &["-a", "repo", "bad2"]);
+    let mut j = env.json("bad2/backup.json");
+    j["backups"][1]["data_bytes"] = serde_json::json!(12345);
+    std::fs::write(env.p("bad2/backup.json"), j.to_string()).unwrap();
+    env.fails(
+        "ckptfs-backup",
+        &["verify", "bad2"],
+        "backup.json says 12345",
+    );
 
     // prune --keep 2: backups 1 and 2 merge into 3 (now a full, standalone), every remaining
     // point still byte-identical; the merged files are gone.
