@@ -2,10 +2,11 @@
 //! systemd, stopped by PID) and a real QEMU guest (KVM where it works, else TCG) that boots
 //! nothing; guest writes through `qemu-io` in the HMP monitor, applied as well to a raw model
 //! of the disk with `qemu-io -f raw` (the truth at each backup; checked against the real disk
-//! after shutdown). Full, incrementals with data, zero writes and discards, every point of the
-//! mounted repository byte-identical; afterwards one layer, `qemu-img check` clean, no bitmap
-//! in use, sane checkpoints. Failures: the copy killed mid-way, REPO full, the VM destroyed
-//! mid-backup; each time the chain ends committed and the next run succeeds.
+//! after shutdown). The disk is a two-layer chain. Full, incrementals with data, zero writes
+//! and discards, every point of the mounted repository byte-identical; afterwards the chain as
+//! it was (base never written), `qemu-img check` clean, no bitmap in use, sane checkpoints.
+//! Failures: the copy killed mid-way, REPO full, the VM destroyed mid-backup, the commit
+//! refused; each time the chain ends committed and the next run succeeds.
 //!
 //! Without libvirtd installed the tests say SKIP, except under CI=true where they fail
 //! (`.ci/run` installs it).
@@ -252,31 +253,44 @@ impl Guest<'_> {
     }
 }
 
-/// A 64 MiB disk with some data, its model, libvirtd and the running domain.
+/// A 64 MiB disk that is a two-layer chain (base.qcow2 <- vm.qcow2, as after an earlier
+/// snapshot: the backups must leave it so), its raw model, libvirtd and the running domain.
 fn setup(test: &str, env: &mut Env) -> Option<Libvirt> {
     let lv = Libvirt::start(env, test)?;
-    env.qemu_img(&["create", "-q", "-f", "qcow2", "vm.qcow2", "64M"]);
+    env.qemu_img(&["create", "-q", "-f", "qcow2", "base.qcow2", "64M"]);
+    env.qemu_io("base.qcow2", &["write -P 0x11 0 2M"]);
+    env.qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        "vm.qcow2",
+    ]);
+    env.qemu_io("vm.qcow2", &["write -P 0x12 32M 1M"]);
     env.qemu_img(&["create", "-q", "-f", "raw", "model.raw", "64M"]);
-    for img in [("vm.qcow2", "qcow2"), ("model.raw", "raw")] {
-        common::run_in(
-            Some(&env.dir),
-            "qemu-io",
-            &[
-                "-f",
-                img.1,
-                "-c",
-                "write -P 0x11 0 2M",
-                "-c",
-                "write -P 0x12 32M 1M",
-                img.0,
-            ],
-        );
-    }
+    common::run_in(
+        Some(&env.dir),
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x11 0 2M",
+            "-c",
+            "write -P 0x12 32M 1M",
+            "model.raw",
+        ],
+    );
+    std::fs::copy(env.p("base.qcow2"), env.p("base.orig")).unwrap();
     lv.start_domain(&env.p("vm.qcow2"));
     Some(lv)
 }
 
-/// After shutdown (SIGTERM: QEMU stores its bitmaps): one layer, `qemu-img check` clean, no
+/// After shutdown (SIGTERM: QEMU stores its bitmaps): the chain as it was, `qemu-img check` clean, no
 /// bitmap in use, the disk equal to the model, no overlay left, and the domain's checkpoints
 /// exactly the one the newest backup recorded.
 fn check_domain_after(env: &Env, lv: &Libvirt, repo: &str) {
@@ -298,7 +312,15 @@ fn check_domain_after(env: &Env, lv: &Libvirt, repo: &str) {
     }
     mountutil::assert_check_clean(&env.p("vm.qcow2"), "the domain's disk after the backups");
     let info = env.info("vm.qcow2");
-    assert!(info["backing-filename"].is_null(), "{info}");
+    assert_eq!(
+        info["backing-filename"], "base.qcow2",
+        "the chain is as it was: commits went into vm.qcow2 only"
+    );
+    assert_eq!(
+        std::fs::read(env.p("base.qcow2")).unwrap(),
+        std::fs::read(env.p("base.orig")).unwrap(),
+        "base.qcow2 never written"
+    );
     let bitmaps = info["format-specific"]["data"]["bitmaps"]
         .as_array()
         .unwrap();
