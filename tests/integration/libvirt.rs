@@ -195,9 +195,7 @@ impl Drop for Libvirt {
         let _ = self.try_virsh(&["destroy", DOM]);
         if let Ok(q) = std::fs::read_to_string(self.state.join(format!("run/qemu/{DOM}.pid"))) {
             if let Ok(qpid) = q.trim().parse::<i32>() {
-                if mountutil::wait_pid_gone(qpid, Duration::from_secs(10)) {
-                    // gone
-                } else {
+                if !mountutil::wait_pid_gone(qpid, Duration::from_secs(10)) {
                     // SAFETY: kill(2) of the QEMU this test's libvirtd started, by its PID file.
                     unsafe { libc::kill(qpid, libc::SIGKILL) };
                 }
