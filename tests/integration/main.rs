@@ -1,4 +1,5 @@
 //! Integration tests: one binary, one module per area.
+mod backup;
 mod blockdev;
 mod checkpoints_rw;
 mod common;
@@ -6,6 +7,7 @@ mod confine;
 mod contrib;
 mod faults;
 mod hostile;
+mod libvirt;
 mod mount;
 mod mountutil;
 mod package;
