@@ -87,10 +87,9 @@ impl Writer {
     fn write_bitmaps_extension(&self, ext: Option<BitmapsExt>) -> Result<()> {
         let q = &self.q;
         let file = q.file();
-        let mut c0 = vec![0u8; q.geo.cluster_size() as usize];
-        read_exact_or_zero(file, 0, &mut c0).map_err(|e| wio("read header", e))?;
-        let backing = q.header.backing_file.clone().unwrap_or_default();
-        let out = rewrite_extensions(&c0, q.header.header_length, backing.as_bytes(), ext)?;
+        let mut fields = vec![0u8; q.header.header_length as usize];
+        read_exact_or_zero(file, 0, &mut fields).map_err(|e| wio("read header", e))?;
+        let out = rewrite_extensions(&fields, &q.header, ext)?;
         file.write_all_at(&out, 0)
             .map_err(|e| wio("write header", e))
     }

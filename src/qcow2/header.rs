@@ -28,7 +28,6 @@ const EXT_DATA_FILE: u32 = 0x4441_5441;
 
 /// Byte positions of the header fields a writer stores.
 const AT_BACKING_FILE_OFFSET: usize = 8;
-const AT_BACKING_FILE_SIZE: usize = 16;
 const AT_REFCOUNT_TABLE_OFFSET: u64 = 48;
 const AT_AUTOCLEAR_FEATURES: usize = 88;
 
@@ -120,6 +119,8 @@ pub struct Header {
     /// The backing-format extension, if present.
     pub backing_format: Option<String>,
     pub bitmaps: Option<BitmapsExt>,
+    /// Every header extension as stored, in order (a rewrite keeps those it does not change).
+    pub extensions: Vec<(u32, Vec<u8>)>,
 }
 
 impl Header {
@@ -181,6 +182,7 @@ impl Header {
             backing_file: None,
             backing_format: None,
             bitmaps: None,
+            extensions: Vec::new(),
         };
         if version == 3 {
             if buf.len() < 104 {
@@ -331,6 +333,7 @@ impl Header {
                 )));
             }
             seen.push(ty);
+            self.extensions.push((ty, data.to_vec()));
             match ty {
                 EXT_BACKING_FORMAT => {
                     self.backing_format = Some(string_field(data, "backing format")?)
@@ -401,7 +404,7 @@ impl Header {
 
 /// Where header extensions must end, as QEMU reads them: at the backing file name if there is
 /// one, else at the end of the first cluster.
-pub fn extensions_end(backing_file_offset: u64, cluster_size: u64) -> u64 {
+fn extensions_end(backing_file_offset: u64, cluster_size: u64) -> u64 {
     match backing_file_offset {
         0 => cluster_size,
         o => o.min(cluster_size),
@@ -409,13 +412,13 @@ pub fn extensions_end(backing_file_offset: u64, cluster_size: u64) -> u64 {
 }
 
 /// One header extension: its type and data.
-pub type Extension<'a> = (u32, &'a [u8]);
+type Extension<'a> = (u32, &'a [u8]);
 
 /// Walk the header extensions of `c0` (the start of the file) from `header_length` up to
 /// `end` (`extensions_end`): the (type, data) pairs before the end marker, and the
 /// offset of the end marker (or `end` where the extensions fill the area, as QEMU allows).
 /// An extension that runs past `end` is refused, as QEMU refuses it.
-pub fn extensions(c0: &[u8], header_length: u32, end: u64) -> Result<(Vec<Extension<'_>>, usize)> {
+fn extensions(c0: &[u8], header_length: u32, end: u64) -> Result<(Vec<Extension<'_>>, usize)> {
     let end_at = usize::try_from(end).unwrap_or(usize::MAX);
     let area = &c0[..c0.len().min(end_at)];
     let past = || {
@@ -458,44 +461,32 @@ pub fn store_autoclear(file: &File, bits: u64) -> Result<()> {
         .map_err(wio)
 }
 
-/// Rewrite the header extension area of the first cluster `c0` (as it is on disk now: an
-/// earlier rewrite may have moved the backing file name) with `bitmaps` as the bitmaps
-/// extension (dropped if None) and the matching autoclear bit, the other extensions and the
-/// backing file name kept. Returns the bytes to write at offset 0 in one write, as QEMU's
-/// header update does: what the old layout had past the new end is cleared.
+/// The first cluster rewritten as QEMU's header update writes it (the whole cluster, zero
+/// filled): `fields` (the header fields as on disk now, `header_length` bytes at least: a
+/// writer may have changed some since `h` was parsed), the extensions found at open with
+/// `bitmaps` as the bitmaps extension (dropped if None) and the matching autoclear bit, then
+/// the backing file name.
 pub fn rewrite_extensions(
-    c0: &[u8],
-    header_length: u32,
-    backing: &[u8],
+    fields: &[u8],
+    h: &Header,
     bitmaps: Option<BitmapsExt>,
 ) -> Result<Vec<u8>> {
-    let cs = c0.len();
-    let hl = header_length as usize;
-    if hl < 104 {
+    let cs = h.cluster_size() as usize;
+    if h.version < 3 {
         return Err(Error::unsupported("qcow2 v2 images cannot store bitmaps"));
     }
-    let name_off = u64_at(c0, AT_BACKING_FILE_OFFSET, "backing_file_offset")?;
-    let name_len = u64::from(u32_at(c0, AT_BACKING_FILE_SIZE, "backing_file_size")?);
-    let (found, at) = extensions(c0, header_length, extensions_end(name_off, cs as u64))?;
-    let mut exts: Vec<(u32, Vec<u8>)> = found
-        .into_iter()
-        .filter(|(ty, _)| *ty != EXT_BITMAPS)
-        .map(|(ty, d)| (ty, d.to_vec()))
-        .collect();
-    if let Some(b) = bitmaps {
-        exts.push((EXT_BITMAPS, b.to_bytes()));
-    }
-    let mut out = slice_at(c0, 0, hl, "header")?.to_vec();
-    for (ty, d) in &exts {
+    let mut out = slice_at(fields, 0, h.header_length as usize, "header")?.to_vec();
+    let bitmaps_ext = bitmaps.map(|b| (EXT_BITMAPS, b.to_bytes()));
+    let kept = h.extensions.iter().filter(|(ty, _)| *ty != EXT_BITMAPS);
+    for (ty, d) in kept.chain(bitmaps_ext.as_ref()) {
         out.extend_from_slice(&ty.to_be_bytes());
         out.extend_from_slice(&(d.len() as u32).to_be_bytes());
         out.extend_from_slice(d);
-        while out.len() % 8 != 0 {
-            out.push(0);
-        }
+        out.resize(out.len().div_ceil(8) * 8, 0);
     }
     out.extend_from_slice(&[0u8; 8]);
     let backing_off = out.len() as u64;
+    let backing = h.backing_file.as_ref().map_or(&[][..], |b| b.as_bytes());
     out.extend_from_slice(backing);
     if out.len() > cs {
         return Err(Error::unsupported(
@@ -512,12 +503,7 @@ pub fn rewrite_extensions(
         0
     };
     out[AT_AUTOCLEAR_FEATURES..AT_AUTOCLEAR_FEATURES + 8].copy_from_slice(&autoclear.to_be_bytes());
-    let old_name_end = match name_off {
-        0 => 0,
-        o => o.saturating_add(name_len).min(cs as u64) as usize,
-    };
-    let old_end = (at + 8).max(old_name_end);
-    out.resize(out.len().max(old_end.min(cs)), 0);
+    out.resize(cs, 0);
     Ok(out)
 }
 
@@ -650,6 +636,36 @@ mod tests {
         // An extension whose length runs off the cluster.
         b[116..120].copy_from_slice(&70000u32.to_be_bytes());
         assert!(Header::parse(&b[..65536], b.len() as u64).is_err());
+    }
+
+    #[test]
+    fn rewrite_keeps_extensions_and_name() {
+        let mut b = minimal_v3();
+        b[112..116].copy_from_slice(&EXT_BACKING_FORMAT.to_be_bytes());
+        b[116..120].copy_from_slice(&5u32.to_be_bytes());
+        b[120..125].copy_from_slice(b"qcow2");
+        b[8..16].copy_from_slice(&136u64.to_be_bytes());
+        b[16..20].copy_from_slice(&8u32.to_be_bytes());
+        b[136..144].copy_from_slice(b"base.img");
+        let h = Header::parse(&b[..65536], b.len() as u64).unwrap();
+        let ext = BitmapsExt {
+            nb_bitmaps: 2,
+            bitmap_directory_size: 80,
+            bitmap_directory_offset: 0x50000,
+        };
+        let out = rewrite_extensions(&b[..112], &h, Some(ext)).unwrap();
+        assert_eq!(out.len(), 65536, "the whole cluster, as QEMU writes it");
+        let h2 = Header::parse(&out, b.len() as u64).unwrap();
+        assert_eq!(h2.bitmaps, Some(ext));
+        assert_eq!(h2.autoclear_features, AUTOCLEAR_BITMAPS);
+        assert_eq!(h2.backing_format.as_deref(), Some("qcow2"));
+        assert_eq!(h2.backing_file, h.backing_file);
+        assert_ne!(h2.backing_file_offset, 136, "the name moved past the new extension");
+        let out = rewrite_extensions(&out[..112], &h2, None).unwrap();
+        let h3 = Header::parse(&out, b.len() as u64).unwrap();
+        assert_eq!((h3.bitmaps, h3.autoclear_features), (None, 0));
+        assert_eq!(h3.backing_file_offset, 136);
+        assert!(out[144..].iter().all(|&x| x == 0), "the old layout is cleared");
     }
 
     #[test]
