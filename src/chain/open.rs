@@ -5,7 +5,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::hostfile;
 use crate::qcow2::header::BackingName;
 use crate::qcow2::image::read_exact_or_zero;
-use crate::qcow2::{HostOffset, Mapping, Qcow2Image, Table};
+use crate::qcow2::{GuestOffset, HostOffset, Mapping, Qcow2Image, Table};
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -90,7 +90,7 @@ impl Layer {
     /// This layer's own mapping of `off` (below its virtual size), for up to `len` bytes.
     pub fn map(&self, table: Table, off: u64, len: u64) -> Result<(Mapping, u64)> {
         match &self.kind {
-            LayerKind::Qcow2(q) => q.map(table, off, len),
+            LayerKind::Qcow2(q) => q.map(table, GuestOffset(off), len),
             LayerKind::Raw {
                 size,
                 len: file_len,
@@ -109,7 +109,7 @@ impl Layer {
         self.bytes_read
             .fetch_add(buf.len() as u64, std::sync::atomic::Ordering::Relaxed);
         match &self.kind {
-            LayerKind::Qcow2(q) => q.read_mapped(m, off, buf),
+            LayerKind::Qcow2(q) => q.read_mapped(m, GuestOffset(off), buf),
             LayerKind::Raw { file, .. } => read_exact_or_zero(file, off, buf)
                 .map_err(|e| Error::io(format!("{}: read at {off}", self.path.display()), e)),
         }

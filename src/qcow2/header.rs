@@ -660,12 +660,18 @@ mod tests {
         assert_eq!(h2.autoclear_features, AUTOCLEAR_BITMAPS);
         assert_eq!(h2.backing_format.as_deref(), Some("qcow2"));
         assert_eq!(h2.backing_file, h.backing_file);
-        assert_ne!(h2.backing_file_offset, 136, "the name moved past the new extension");
+        assert_ne!(
+            h2.backing_file_offset, 136,
+            "the name moved past the new extension"
+        );
         let out = rewrite_extensions(&out[..112], &h2, None).unwrap();
         let h3 = Header::parse(&out, b.len() as u64).unwrap();
         assert_eq!((h3.bitmaps, h3.autoclear_features), (None, 0));
         assert_eq!(h3.backing_file_offset, 136);
-        assert!(out[144..].iter().all(|&x| x == 0), "the old layout is cleared");
+        assert!(
+            out[144..].iter().all(|&x| x == 0),
+            "the old layout is cleared"
+        );
     }
 
     #[test]

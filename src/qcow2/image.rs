@@ -8,7 +8,7 @@ use super::compress;
 use super::header::{check_region, Header, AUTOCLEAR_BITMAPS};
 use super::l2::{l1_entry_offset, Geometry, L2Table, Mapping};
 use super::snapshot::{self, SnapshotEntry};
-use super::types::HostOffset;
+use super::types::{GuestOffset, HostOffset};
 use crate::error::{Error, Result};
 use lru::LruCache;
 use parking_lot::{Mutex, RwLock};
@@ -607,24 +607,21 @@ impl Qcow2Image {
         Ok(Some(()))
     }
 
-    pub fn map(&self, table: Table, off: u64, len: u64) -> Result<(Mapping, u64)> {
+    pub fn map(&self, table: Table, off: GuestOffset, len: u64) -> Result<(Mapping, u64)> {
         self.map_inner(table, off, len)
             .map_err(|e| e.context(self.path.display()))
     }
 
-    fn map_inner(&self, table: Table, off: u64, len: u64) -> Result<(Mapping, u64)> {
+    fn map_inner(&self, table: Table, off: GuestOffset, len: u64) -> Result<(Mapping, u64)> {
         let cov = self.geo.l2_coverage();
-        let cb = self.geo.cluster_bits;
-        let l1_idx = off / cov;
+        let (l1_idx, mut idx, in_off) = self.geo.locate(off);
         let l2_off = self.l2_offset(table, l1_idx)?;
         let table_end = (l1_idx + 1) * cov;
-        let max = len.min(table_end - off);
+        let max = len.min(table_end - off.0);
         if l2_off == 0 {
             return Ok((Mapping::Unallocated, max));
         }
         let l2 = self.l2_table(l2_off)?;
-        let mut idx = (off >> cb) % self.geo.l2_entries();
-        let in_off = off & (self.geo.cluster_size() - 1);
         let (first, mut run) = self.check_host(self.geo.decode(l2.get(idx), in_off)?)?;
         if matches!(first, Mapping::Compressed { .. }) {
             return Ok((first, run.min(max)));
@@ -672,7 +669,7 @@ impl Qcow2Image {
     }
 
     /// Read guest bytes at `off` that `map` reported as `m` (Data or Compressed) into `buf`.
-    pub fn read_mapped(&self, m: Mapping, off: u64, buf: &mut [u8]) -> Result<()> {
+    pub fn read_mapped(&self, m: Mapping, off: GuestOffset, buf: &mut [u8]) -> Result<()> {
         match m {
             Mapping::Data(host) => {
                 let got = read_up_to(&self.file, host.0, buf).map_err(|e| {
@@ -694,7 +691,7 @@ impl Qcow2Image {
                 Ok(())
             }
             Mapping::Compressed { host_off, len } => {
-                let in_off = (off & (self.geo.cluster_size() - 1)) as usize;
+                let in_off = self.geo.locate(off).2 as usize;
                 if in_off == 0 && buf.len() as u64 == self.geo.cluster_size() {
                     // The whole cluster (large sequential reads): decompress it straight into
                     // the caller's buffer; keeping a copy would only pay for a later partial

@@ -2,7 +2,7 @@
 //! "Cluster mapping" and "Extended L2 Entries"). Pure: entries in, mapping out. The decisions
 //! mirror QEMU's `qcow2_get_subcluster_type`.
 
-use super::types::HostOffset;
+use super::types::{GuestOffset, HostOffset};
 use crate::error::{Error, Result};
 use std::sync::Arc;
 
@@ -201,6 +201,17 @@ impl Geometry {
         self.l2_entries() << self.cluster_bits
     }
 
+    /// Where guest offset `off` is mapped: (L1 index, entry in that L2 table, byte in the
+    /// cluster).
+    pub fn locate(&self, off: GuestOffset) -> (u64, u64, u64) {
+        let cluster = off.0 >> self.cluster_bits;
+        (
+            off.0 / self.l2_coverage(),
+            cluster % self.l2_entries(),
+            off.0 & (self.cluster_size() - 1),
+        )
+    }
+
     /// The smallest unit whose allocation state can differ (subcluster or cluster).
     pub fn alloc_unit(&self) -> u64 {
         if self.extended {
@@ -320,6 +331,17 @@ mod tests {
             (Mapping::Data(HostOffset(0x40000 + 10)), 65526)
         );
         assert!(d(G64, 0x8000_0000_0004_0200, 0, 0).is_err());
+    }
+
+    #[test]
+    fn locate_guest_offsets() {
+        // 64 KiB clusters: 8192 entries per table, 512 MiB per table.
+        assert_eq!(G64.locate(GuestOffset(0)), (0, 0, 0));
+        assert_eq!(G64.locate(GuestOffset((3 << 16) + 5)), (0, 3, 5));
+        assert_eq!(G64.locate(GuestOffset((512 << 20) + (1 << 16))), (1, 1, 0));
+        // Extended entries take 16 bytes: 8192 per 128 KiB table, 1 GiB per table.
+        assert_eq!(G128X.locate(GuestOffset(1 << 30)), (1, 0, 0));
+        assert_eq!(G128X.locate(GuestOffset((1 << 30) - 1)), (0, 8191, (128 << 10) - 1));
     }
 
     #[test]
