@@ -5,14 +5,9 @@
 use super::write::Writer;
 use crate::error::{Error, ErrorKind, Result};
 use crate::qcow2::bitmaps::{self, BitmapEntry, TableEntry, FLAG_AUTO, FLAG_IN_USE};
-use crate::qcow2::header::{rewrite_extensions, BitmapsExt};
-use crate::qcow2::image::{read_exact_or_zero, Bitmap};
+use crate::qcow2::header::{store_bitmaps_ext, BitmapsExt};
+use crate::qcow2::image::Bitmap;
 use crate::qcow2::{BitmapCluster, HostOffset};
-use std::os::unix::fs::FileExt;
-
-fn wio(what: &str, e: std::io::Error) -> Error {
-    Error::io(what.to_string(), e)
-}
 
 fn refused(msg: String) -> Error {
     Error::new(ErrorKind::Refused, msg)
@@ -59,9 +54,8 @@ impl Writer {
             let off = self.rc.alloc_run(file, n)?;
             q.note_file_end((off + n * cs).0);
             self.rc.protect(file, off, n * cs, "bitmap directory")?;
-            file.write_all_at(&bytes, off.0)
-                .map_err(|e| wio("write bitmap directory", e))?;
-            file.sync_data().map_err(|e| wio("flush", e))?;
+            q.write_at(off, &bytes, "bitmap directory")?;
+            q.flush()?;
             (off, bytes.len() as u64)
         };
         let ext = (!entries.is_empty()).then_some(BitmapsExt {
@@ -69,9 +63,10 @@ impl Writer {
             bitmap_directory_size: new_len,
             bitmap_directory_offset: new_off.0,
         });
-        self.write_bitmaps_extension(ext)?;
+        // One header write switches to the new directory (as QEMU's header update).
+        store_bitmaps_ext(file, &q.header, ext)?;
         self.bitmaps_ok = !entries.is_empty() || self.bitmaps_ok;
-        file.sync_data().map_err(|e| wio("flush", e))?;
+        q.flush()?;
         if let Some((old_off, old_len)) = self.dir.take() {
             let first = old_off.cluster(q.geo.cluster_bits);
             for k in 0..old_len.div_ceil(cs) {
@@ -80,18 +75,6 @@ impl Writer {
         }
         self.dir = (!entries.is_empty()).then_some((new_off, new_len));
         Ok(pos)
-    }
-
-    /// Rewrite the header extensions of cluster 0 with this bitmaps extension (added if
-    /// missing, dropped if None), in one write, as QEMU's header update does.
-    fn write_bitmaps_extension(&self, ext: Option<BitmapsExt>) -> Result<()> {
-        let q = &self.q;
-        let file = q.file();
-        let mut fields = vec![0u8; q.header.header_length as usize];
-        read_exact_or_zero(file, 0, &mut fields).map_err(|e| wio("read header", e))?;
-        let out = rewrite_extensions(&fields, &q.header, ext)?;
-        file.write_all_at(&out, 0)
-            .map_err(|e| wio("write header", e))
     }
 
     /// The current trusted entries of the top image, with the flags they have on disk now
@@ -168,8 +151,7 @@ impl Writer {
             let off = self.rc.alloc_run(file, clusters)?;
             q.note_file_end((off + clusters * cs).0);
             self.rc.protect(file, off, clusters * cs, "bitmap table")?;
-            file.write_all_at(&vec![0u8; (clusters * cs) as usize], off.0)
-                .map_err(|e| wio("write bitmap table", e))?;
+            q.write_at(off, &vec![0u8; (clusters * cs) as usize], "bitmap table")?;
             entry.bitmap_table_offset = off.0;
         }
         let mut kept: Vec<(Option<usize>, BitmapEntry, Option<String>)> = Vec::new();

@@ -18,7 +18,6 @@ use crate::qcow2::refcount::Refcounts;
 use crate::qcow2::{guard, refcheck};
 use crate::qcow2::{BitmapCluster, HostCluster, HostOffset, Qcow2Image, Table};
 use std::collections::BTreeMap;
-use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 const ALL_ALLOC: u64 = 0x0000_0000_ffff_ffff;
@@ -37,10 +36,6 @@ pub struct Writer {
     /// it fails (ENOSPC on a device), so a failed write leaks nothing.
     fresh: Vec<HostOffset>,
     closed: bool,
-}
-
-fn wio(what: &str, e: std::io::Error) -> Error {
-    Error::io(what.to_string(), e)
 }
 
 /// What one guest cluster's L2 entry becomes.
@@ -132,7 +127,7 @@ impl Writer {
             };
             bitmaps::store_flags(q.file(), dir_off, &b.entry, flags)?;
         }
-        q.file().sync_data().map_err(|e| wio("flush", e))
+        q.flush()
     }
 
     fn size(&self) -> u64 {
@@ -265,9 +260,7 @@ impl Writer {
             match self.owned_host(gc, e)? {
                 Some(host) if fully_mapped => {
                     self.not_metadata(gc, host, cs)?;
-                    self.file()
-                        .write_all_at(chunk, (host + in_off).0)
-                        .map_err(|er| wio("write data", er))?;
+                    self.q.write_at(host + in_off, chunk, "data")?;
                 }
                 owned => {
                     // Copy-on-write: the cluster as it reads now, with the new bytes on top.
@@ -285,9 +278,7 @@ impl Writer {
                         }
                     };
                     self.not_metadata(gc, host, cs)?;
-                    self.file()
-                        .write_all_at(&buf, host.0)
-                        .map_err(|er| wio("write data", er))?;
+                    self.q.write_at(host, &buf, "data")?;
                     let bitmap = if extended { ALL_ALLOC } else { 0 };
                     updates.push(Update {
                         gc,
@@ -387,8 +378,7 @@ impl Writer {
                 let t = self.alloc()?;
                 self.rc.protect(file, t, q.geo.cluster_size(), "L2 table")?;
                 let table = L2Table::empty(&q.geo).with(changes);
-                file.write_all_at(&table.to_bytes(), t.0)
-                    .map_err(|e| wio("write L2 table", e))?;
+                q.store_l2_table(t, &table)?;
                 new_tables.push((l1_idx, t, table));
             } else {
                 let table = q.l2_table(l2)?.with(changes);
@@ -397,15 +387,13 @@ impl Writer {
             }
         }
         if allocated || !new_tables.is_empty() {
-            file.sync_data().map_err(|e| wio("flush", e))?;
+            q.flush()?;
         }
         // From here entries point at the new clusters: a failure leaves leaks at most.
         self.fresh.clear();
         for (l2, idxs, table) in edits {
             for i in idxs {
-                let (pos, bytes) = table.entry_bytes(i);
-                file.write_all_at(&bytes, l2 + pos)
-                    .map_err(|e| wio("write L2 entry", e))?;
+                q.store_l2_entry(HostOffset(l2), &table, i)?;
             }
             q.l2_updated(l2, table);
         }
@@ -415,7 +403,7 @@ impl Writer {
             q.l2_updated(l2.0, table);
         }
         if !frees.is_empty() {
-            file.sync_data().map_err(|e| wio("flush", e))?;
+            q.flush()?;
             for c in frees {
                 self.rc.decrement(file, c)?;
             }
@@ -469,7 +457,7 @@ impl Writer {
 
     /// Make everything written so far durable.
     pub fn flush(&self) -> Result<()> {
-        self.file().sync_data().map_err(|e| wio("flush", e))
+        self.q.flush()
     }
 
     /// Store the marked bitmap clusters, then clear in_use (a clean close).
@@ -496,17 +484,15 @@ impl Writer {
                     let off = self.rc.alloc(file)?;
                     q.note_file_end((off + cs).0);
                     self.rc.protect(file, off, cs, "bitmap data")?;
-                    file.write_all_at(&data, off.0)
-                        .map_err(|e| wio("write bitmap data", e))?;
-                    file.sync_data().map_err(|e| wio("flush", e))?;
+                    q.write_at(off, &data, "bitmap data")?;
+                    q.flush()?;
                     bitmaps::store_table_entry(file, b, idx, off)?;
                     continue;
                 }
             };
-            file.write_all_at(&data, host)
-                .map_err(|e| wio("write bitmap data", e))?;
+            q.write_at(HostOffset(host), &data, "bitmap data")?;
         }
-        file.sync_data().map_err(|e| wio("flush", e))?;
+        q.flush()?;
         self.set_in_use(false)
     }
 }

@@ -461,16 +461,22 @@ pub fn store_autoclear(file: &File, bits: u64) -> Result<()> {
         .map_err(wio)
 }
 
+/// Store `bitmaps` as the bitmaps extension of the image `h` was parsed from (see
+/// `rewrite_extensions`), in one write of the first cluster.
+pub fn store_bitmaps_ext(file: &File, h: &Header, bitmaps: Option<BitmapsExt>) -> Result<()> {
+    let mut fields = vec![0u8; h.header_length as usize];
+    super::image::read_exact_or_zero(file, 0, &mut fields)
+        .map_err(|e| Error::io("read header", e))?;
+    let out = rewrite_extensions(&fields, h, bitmaps)?;
+    file.write_all_at(&out, 0).map_err(wio)
+}
+
 /// The first cluster rewritten as QEMU's header update writes it (the whole cluster, zero
 /// filled): `fields` (the header fields as on disk now, `header_length` bytes at least: a
 /// writer may have changed some since `h` was parsed), the extensions found at open with
 /// `bitmaps` as the bitmaps extension (dropped if None) and the matching autoclear bit, then
 /// the backing file name.
-pub fn rewrite_extensions(
-    fields: &[u8],
-    h: &Header,
-    bitmaps: Option<BitmapsExt>,
-) -> Result<Vec<u8>> {
+fn rewrite_extensions(fields: &[u8], h: &Header, bitmaps: Option<BitmapsExt>) -> Result<Vec<u8>> {
     let cs = h.cluster_size() as usize;
     if h.version < 3 {
         return Err(Error::unsupported("qcow2 v2 images cannot store bitmaps"));

@@ -526,6 +526,29 @@ impl Qcow2Image {
         c.put(off, table);
     }
 
+    /// Writer side: write `data` (guest data, a new table, bitmap bits) at `at`.
+    pub fn write_at(&self, at: HostOffset, data: &[u8], what: &str) -> Result<()> {
+        self.file
+            .write_all_at(data, at.0)
+            .map_err(|e| Error::io(format!("write {what}"), e))
+    }
+
+    /// Writer side: make everything written so far durable.
+    pub fn flush(&self) -> Result<()> {
+        self.file.sync_data().map_err(|e| Error::io("flush", e))
+    }
+
+    /// Writer side: store a whole L2 table at `at` (the cache learns it by `l2_updated`).
+    pub fn store_l2_table(&self, at: HostOffset, table: &L2Table) -> Result<()> {
+        self.write_at(at, &table.to_bytes(), "L2 table")
+    }
+
+    /// Writer side: store entry `i` of `table`, the L2 table at `at`, in place.
+    pub fn store_l2_entry(&self, at: HostOffset, table: &L2Table, i: u64) -> Result<()> {
+        let (pos, bytes) = table.entry_bytes(i);
+        self.write_at(at + pos, &bytes, "L2 entry")
+    }
+
     /// Writer side: store `entry` as active L1 entry `idx`, on disk and in memory.
     pub fn store_l1_entry(&self, idx: u64, entry: u64) -> Result<()> {
         let at = self.header.l1_table_offset + idx * 8;

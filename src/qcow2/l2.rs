@@ -341,7 +341,10 @@ mod tests {
         assert_eq!(G64.locate(GuestOffset((512 << 20) + (1 << 16))), (1, 1, 0));
         // Extended entries take 16 bytes: 8192 per 128 KiB table, 1 GiB per table.
         assert_eq!(G128X.locate(GuestOffset(1 << 30)), (1, 0, 0));
-        assert_eq!(G128X.locate(GuestOffset((1 << 30) - 1)), (0, 8191, (128 << 10) - 1));
+        assert_eq!(
+            G128X.locate(GuestOffset((1 << 30) - 1)),
+            (0, 8191, (128 << 10) - 1)
+        );
     }
 
     #[test]
