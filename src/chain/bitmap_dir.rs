@@ -249,7 +249,7 @@ impl Writer {
         }
         for v in bitmaps::load_table(file, e)? {
             if let Ok(TableEntry::Data(off)) = bitmaps::decode_table_entry(v, cs) {
-                self.rc.decrement(file, HostOffset(off).cluster(cb))?;
+                self.rc.decrement(file, off.cluster(cb))?;
             }
         }
         let table = HostOffset(e.bitmap_table_offset).cluster(cb);

@@ -477,9 +477,7 @@ impl Writer {
             }
             let b = &bm.entry;
             let host = match bitmaps::load_table_entry(file, b, idx, cs)? {
-                TableEntry::Data(off) if self.rc.get(file, HostOffset(off).cluster(cb))? == 1 => {
-                    off
-                }
+                TableEntry::Data(off) if self.rc.get(file, off.cluster(cb))? == 1 => off,
                 _ => {
                     let off = self.rc.alloc(file)?;
                     q.note_file_end((off + cs).0);
@@ -490,7 +488,7 @@ impl Writer {
                     continue;
                 }
             };
-            q.write_at(HostOffset(host), &data, "bitmap data")?;
+            q.write_at(host, &data, "bitmap data")?;
         }
         q.flush()?;
         self.set_in_use(false)

@@ -246,7 +246,7 @@ pub enum TableEntry {
     /// The cluster's bits are all 0 or all 1.
     Fill(bool),
     /// The bits are stored in the data cluster at this host offset.
-    Data(u64),
+    Data(HostOffset),
 }
 
 /// Decode a bitmap table entry, checking reserved bits and alignment.
@@ -270,7 +270,7 @@ pub fn decode_table_entry(e: u64, cluster_size: u64) -> Result<TableEntry> {
             "bitmap data cluster {off:#x} is not cluster aligned"
         )));
     }
-    Ok(TableEntry::Data(off))
+    Ok(TableEntry::Data(HostOffset(off)))
 }
 
 #[cfg(test)]
@@ -323,7 +323,7 @@ mod tests {
         );
         assert_eq!(
             decode_table_entry(0x70000, 65536).unwrap(),
-            TableEntry::Data(0x70000)
+            TableEntry::Data(HostOffset(0x70000))
         );
         assert!(decode_table_entry(0x70200, 65536).is_err());
         assert!(decode_table_entry(2, 65536).is_err());

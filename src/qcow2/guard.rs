@@ -90,7 +90,7 @@ pub fn metadata(q: &Qcow2Image) -> Result<Vec<(HostOffset, u64, &'static str)>> 
         ));
         for t in q.bitmap_table(i)?.iter() {
             if let TableEntry::Data(off) = *t {
-                out.push((HostOffset(off), cs, "bitmap data"));
+                out.push((off, cs, "bitmap data"));
             }
         }
     }

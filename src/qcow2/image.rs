@@ -89,7 +89,7 @@ pub struct Qcow2Image {
     l2_gen: std::sync::atomic::AtomicU64,
     /// Bitmap data clusters changed by a writer and not yet stored: (bitmap, table index).
     bitmap_overlay: Mutex<BitmapOverlay>,
-    cluster_cache: Mutex<LruCache<u64, Arc<[u8]>>>,
+    cluster_cache: Mutex<LruCache<HostOffset, Arc<[u8]>>>,
     /// Compressed clusters decompressed so far (for stats.json).
     pub decompressed: std::sync::atomic::AtomicU64,
 }
@@ -574,7 +574,7 @@ impl Qcow2Image {
 
     /// Forget a decompressed cluster whose host bytes were freed.
     pub fn forget_cluster(&self, host_off: HostOffset) {
-        self.cluster_cache.lock().pop(&host_off.0);
+        self.cluster_cache.lock().pop(&host_off);
     }
 
     /// Where guest offset `off` lives in this layer, and for how many bytes (at most `len`)
@@ -719,7 +719,7 @@ impl Qcow2Image {
                     // The whole cluster (large sequential reads): decompress it straight into
                     // the caller's buffer; keeping a copy would only pay for a later partial
                     // read of the same cluster.
-                    if let Some(c) = self.cluster_cache.lock().get(&host_off.0) {
+                    if let Some(c) = self.cluster_cache.lock().get(&host_off) {
                         buf.copy_from_slice(c);
                         return Ok(());
                     }
@@ -741,7 +741,7 @@ impl Qcow2Image {
 
     /// The decompressed cluster at `host_off`, from the cache or decompressed into it.
     fn compressed_cluster(&self, host_off: HostOffset, len: u64) -> Result<Arc<[u8]>> {
-        if let Some(c) = self.cluster_cache.lock().get(&host_off.0) {
+        if let Some(c) = self.cluster_cache.lock().get(&host_off) {
             return Ok(c.clone());
         }
         // Decompress straight into the buffer the cache keeps (one allocation, no copy).
@@ -752,7 +752,7 @@ impl Qcow2Image {
             len,
             Arc::get_mut(&mut out).expect("a new Arc is unique"),
         )?;
-        self.cluster_cache.lock().put(host_off.0, out.clone());
+        self.cluster_cache.lock().put(host_off, out.clone());
         Ok(out)
     }
 
@@ -818,9 +818,9 @@ impl Qcow2Image {
                 u64_table(&raw)
                     .into_iter()
                     .map(|e| match bitmaps::decode_table_entry(e, cs)? {
-                        TableEntry::Data(off) if off >= self.file_len() => {
+                        TableEntry::Data(off) if off.0 >= self.file_len() => {
                             Err(Error::corrupt(format!(
-                                "bitmap '{}' data cluster {off:#x} lies past the end of the file",
+                                "bitmap '{}' data cluster {off} lies past the end of the file",
                                 bm.entry.name
                             )))
                         }
@@ -850,7 +850,7 @@ impl Qcow2Image {
                     return Ok(BitmapCluster::Data(c.clone()));
                 }
                 let data: Arc<[u8]> = self
-                    .read_meta(off, self.geo.cluster_size(), "bitmap data")?
+                    .read_meta(off.0, self.geo.cluster_size(), "bitmap data")?
                     .into();
                 self.cluster_cache.lock().put(off, data.clone());
                 Ok(BitmapCluster::Data(data))
