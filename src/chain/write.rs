@@ -148,11 +148,10 @@ impl Writer {
     fn entry(&self, gc: u64) -> Result<L2Entry> {
         let q = &self.q;
         let per = q.geo.l2_entries();
-        let l2 = q.l2_offset(Table::Active, gc / per)?;
-        if l2 == 0 {
-            return Ok(L2Entry::default());
+        match q.l2_offset(Table::Active, gc / per)? {
+            Some(l2) => Ok(q.l2_table(l2)?.get(gc % per)),
+            None => Ok(L2Entry::default()),
         }
-        Ok(q.l2_table(l2)?.get(gc % per))
     }
 
     /// Refuse guest data at `[host, host+len)` (written there, or referenced from guest cluster
@@ -372,18 +371,20 @@ impl Writer {
         let mut new_tables = Vec::new();
         let mut edits = Vec::new();
         for (l1_idx, ups) in by_table {
-            let l2 = q.l2_offset(Table::Active, l1_idx)?;
             let changes = ups.iter().map(|u| (u.gc % per, u.entry));
-            if l2 == 0 {
-                let t = self.alloc()?;
-                self.rc.protect(file, t, q.geo.cluster_size(), "L2 table")?;
-                let table = L2Table::empty(&q.geo).with(changes);
-                q.store_l2_table(t, &table)?;
-                new_tables.push((l1_idx, t, table));
-            } else {
-                let table = q.l2_table(l2)?.with(changes);
-                let idxs: Vec<u64> = ups.iter().map(|u| u.gc % per).collect();
-                edits.push((l2, idxs, table));
+            match q.l2_offset(Table::Active, l1_idx)? {
+                None => {
+                    let t = self.alloc()?;
+                    self.rc.protect(file, t, q.geo.cluster_size(), "L2 table")?;
+                    let table = L2Table::empty(&q.geo).with(changes);
+                    q.store_l2_table(t, &table)?;
+                    new_tables.push((l1_idx, t, table));
+                }
+                Some(l2) => {
+                    let table = q.l2_table(l2)?.with(changes);
+                    let idxs: Vec<u64> = ups.iter().map(|u| u.gc % per).collect();
+                    edits.push((l2, idxs, table));
+                }
             }
         }
         if allocated || !new_tables.is_empty() {
@@ -393,14 +394,14 @@ impl Writer {
         self.fresh.clear();
         for (l2, idxs, table) in edits {
             for i in idxs {
-                q.store_l2_entry(HostOffset(l2), &table, i)?;
+                q.store_l2_entry(l2, &table, i)?;
             }
             q.l2_updated(l2, table);
         }
         for (l1_idx, l2, table) in new_tables {
             let e = l2.0 | OFLAG_COPIED;
             q.store_l1_entry(l1_idx, e)?;
-            q.l2_updated(l2.0, table);
+            q.l2_updated(l2, table);
         }
         if !frees.is_empty() {
             q.flush()?;

@@ -172,21 +172,18 @@ fn add_snapshot_diff(
         let l1 = off / cov;
         let table_end = ((l1 + 1) * cov).min(end);
         let a = q.l2_offset(Table::Active, l1)?;
+        // None past the snapshot's size: every cluster there differs.
         let s = if off < snap_size {
-            q.l2_offset(Table::Snapshot(si), l1)?
-        } else {
-            u64::MAX
-        };
-        if a == s {
-            off = table_end;
-            continue;
-        }
-        let at = if a != 0 { Some(q.l2_table(a)?) } else { None };
-        let st = if s != 0 && s != u64::MAX {
-            Some(q.l2_table(s)?)
+            Some(q.l2_offset(Table::Snapshot(si), l1)?)
         } else {
             None
         };
+        if s == Some(a) {
+            off = table_end;
+            continue;
+        }
+        let at = a.map(|a| q.l2_table(a)).transpose()?;
+        let st = s.flatten().map(|s| q.l2_table(s)).transpose()?;
         while off < table_end {
             let i = (off % cov) / cs;
             let get = |t: &Option<L2Table>| t.as_ref().map(|t| t.get(i)).unwrap_or_default();

@@ -68,9 +68,8 @@ pub fn metadata(q: &Qcow2Image) -> Result<Vec<(HostOffset, u64, &'static str)>> 
     let cs = q.geo.cluster_size();
     let mut out = q.header_regions();
     for i in 0..u64::from(h.l1_size) {
-        let l2 = q.l2_offset(Table::Active, i)?;
-        if l2 != 0 {
-            out.push((HostOffset(l2), cs, "L2 table"));
+        if let Some(l2) = q.l2_offset(Table::Active, i)? {
+            out.push((l2, cs, "L2 table"));
         }
     }
     let stale = q.header.autoclear_features & AUTOCLEAR_BITMAPS == 0;

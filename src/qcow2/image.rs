@@ -83,7 +83,7 @@ pub struct Qcow2Image {
     l1: RwLock<Vec<u64>>,
     bitmaps: RwLock<Vec<Arc<Bitmap>>>,
     pub snapshots: Vec<Snapshot>,
-    l2_cache: Mutex<LruCache<u64, L2Table>>,
+    l2_cache: Mutex<LruCache<HostOffset, L2Table>>,
     /// Bumped (under the cache lock) whenever a writer changes an L2 table, so a reader that
     /// loaded a table from disk before the change does not cache the stale copy.
     l2_gen: std::sync::atomic::AtomicU64,
@@ -312,10 +312,10 @@ impl Qcow2Image {
         let l1 = self.read_meta_u64(offset, u64::from(entries), what)?;
         for (i, &e) in l1.iter().enumerate() {
             let l2 = l1_entry_offset(e, cs).map_err(|e| e.context(format!("{what} entry {i}")))?;
-            if l2 != 0 {
+            if let Some(l2) = l2 {
                 check_region(
                     &format!("L2 table (L1 entry {i})"),
-                    l2,
+                    l2.0,
                     cs,
                     cs,
                     self.file_len(),
@@ -496,12 +496,12 @@ impl Qcow2Image {
     }
 
     /// The raw (L1 entry) offset of the L2 table covering `l1_idx` in `table`; 0 if none.
-    pub fn l2_offset(&self, table: Table, l1_idx: u64) -> Result<u64> {
+    pub fn l2_offset(&self, table: Table, l1_idx: u64) -> Result<Option<HostOffset>> {
         l1_entry_offset(self.l1_entry(table, l1_idx)?, self.geo.cluster_size())
     }
 
     /// The L2 table at `off`.
-    pub fn l2_table(&self, off: u64) -> Result<L2Table> {
+    pub fn l2_table(&self, off: HostOffset) -> Result<L2Table> {
         let gen = {
             let mut c = self.l2_cache.lock();
             if let Some(t) = c.get(&off) {
@@ -510,7 +510,7 @@ impl Qcow2Image {
             self.l2_gen.load(std::sync::atomic::Ordering::Acquire)
         };
         let cs = self.geo.cluster_size();
-        let t = L2Table::parse(&self.read_meta(off, cs, "L2 table")?, self.geo.extended);
+        let t = L2Table::parse(&self.read_meta(off.0, cs, "L2 table")?, self.geo.extended);
         let mut c = self.l2_cache.lock();
         if self.l2_gen.load(std::sync::atomic::Ordering::Acquire) == gen {
             c.put(off, t.clone());
@@ -519,7 +519,7 @@ impl Qcow2Image {
     }
 
     /// Writer side: `table` is now the content of the L2 table at `off` (already on disk).
-    pub fn l2_updated(&self, off: u64, table: L2Table) {
+    pub fn l2_updated(&self, off: HostOffset, table: L2Table) {
         let mut c = self.l2_cache.lock();
         self.l2_gen
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
@@ -603,7 +603,7 @@ impl Qcow2Image {
             let l2_off = self
                 .l2_offset(table, l1_idx)
                 .map_err(|e| e.context(self.path.display()))?;
-            if l2_off != 0 {
+            if let Some(l2_off) = l2_off {
                 let l2 = self
                     .l2_table(l2_off)
                     .map_err(|e| e.context(self.path.display()))?;
@@ -638,12 +638,11 @@ impl Qcow2Image {
     fn map_inner(&self, table: Table, off: GuestOffset, len: u64) -> Result<(Mapping, u64)> {
         let cov = self.geo.l2_coverage();
         let (l1_idx, mut idx, in_off) = self.geo.locate(off);
-        let l2_off = self.l2_offset(table, l1_idx)?;
         let table_end = (l1_idx + 1) * cov;
         let max = len.min(table_end - off.0);
-        if l2_off == 0 {
+        let Some(l2_off) = self.l2_offset(table, l1_idx)? else {
             return Ok((Mapping::Unallocated, max));
-        }
+        };
         let l2 = self.l2_table(l2_off)?;
         let (first, mut run) = self.check_host(self.geo.decode(l2.get(idx), in_off)?)?;
         if matches!(first, Mapping::Compressed { .. }) {

@@ -289,15 +289,15 @@ impl Geometry {
     }
 }
 
-/// The L2 table offset an L1 entry points to (0 = unallocated), checked for alignment.
-pub fn l1_entry_offset(entry: u64, cluster_size: u64) -> Result<u64> {
+/// The L2 table an L1 entry points to (None: unallocated), checked for alignment.
+pub fn l1_entry_offset(entry: u64, cluster_size: u64) -> Result<Option<HostOffset>> {
     let off = entry & L1E_OFFSET_MASK;
     if off % cluster_size != 0 {
         return Err(Error::corrupt(format!(
             "L2 table offset {off:#x} is not cluster aligned"
         )));
     }
-    Ok(off)
+    Ok((off != 0).then_some(HostOffset(off)))
 }
 
 #[cfg(test)]

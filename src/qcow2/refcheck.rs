@@ -123,10 +123,9 @@ fn walk(q: &Qcow2Image, rc: &Refcounts, counts: &mut Counts) -> Result<()> {
     let clusters = q.file_len().div_ceil(cs);
     let first = counts.from == 0;
     for i in 0..u64::from(q.header.l1_size) {
-        let l2 = q.l2_offset(Table::Active, i)?;
-        if l2 == 0 {
+        let Some(l2) = q.l2_offset(Table::Active, i)? else {
             continue;
-        }
+        };
         let table = q.l2_table(l2)?;
         for (k, e) in table.iter().enumerate() {
             let (host, len) = if e.is_compressed() {
