@@ -52,7 +52,7 @@ impl Writer {
         } else {
             let n = (bytes.len() as u64).div_ceil(cs);
             let off = self.rc.alloc_run(file, n)?;
-            q.note_file_end((off + n * cs).0);
+            q.note_file_end(off + n * cs);
             self.rc.protect(file, off, n * cs, "bitmap directory")?;
             q.write_at(off, &bytes, "bitmap directory")?;
             q.flush()?;
@@ -149,7 +149,7 @@ impl Writer {
         if n > 0 {
             let clusters = (n * 8).div_ceil(cs);
             let off = self.rc.alloc_run(file, clusters)?;
-            q.note_file_end((off + clusters * cs).0);
+            q.note_file_end(off + clusters * cs);
             self.rc.protect(file, off, clusters * cs, "bitmap table")?;
             q.write_at(off, &vec![0u8; (clusters * cs) as usize], "bitmap table")?;
             entry.bitmap_table_offset = off.0;

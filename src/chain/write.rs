@@ -191,7 +191,7 @@ impl Writer {
     fn alloc(&mut self) -> Result<HostOffset> {
         let q = &self.q;
         let off = self.rc.alloc(q.file())?;
-        q.note_file_end((off + q.geo.cluster_size()).0);
+        q.note_file_end(off + q.geo.cluster_size());
         self.fresh.push(off);
         Ok(off)
     }
@@ -481,7 +481,7 @@ impl Writer {
                 TableEntry::Data(off) if self.rc.get(file, off.cluster(cb))? == 1 => off,
                 _ => {
                     let off = self.rc.alloc(file)?;
-                    q.note_file_end((off + cs).0);
+                    q.note_file_end(off + cs);
                     self.rc.protect(file, off, cs, "bitmap data")?;
                     q.write_at(off, &data, "bitmap data")?;
                     q.flush()?;

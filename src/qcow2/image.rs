@@ -235,9 +235,9 @@ impl Qcow2Image {
     }
 
     /// Writer side: the file now extends at least to `end`.
-    pub fn note_file_end(&self, end: u64) {
+    pub fn note_file_end(&self, end: HostOffset) {
         self.file_len
-            .fetch_max(end, std::sync::atomic::Ordering::AcqRel);
+            .fetch_max(end.0, std::sync::atomic::Ordering::AcqRel);
     }
 
     pub fn file(&self) -> &File {
