@@ -82,6 +82,21 @@ pub struct BitmapsExt {
 }
 
 impl BitmapsExt {
+    /// Decode the extension's data.
+    pub fn parse(data: &[u8]) -> Result<BitmapsExt> {
+        if data.len() < 24 {
+            return Err(Error::corrupt(format!(
+                "bitmaps extension of {} bytes (needs 24)",
+                data.len()
+            )));
+        }
+        Ok(BitmapsExt {
+            nb_bitmaps: u32_at(data, 0, "nb_bitmaps")?,
+            bitmap_directory_size: u64_at(data, 8, "bitmap_directory_size")?,
+            bitmap_directory_offset: u64_at(data, 16, "bitmap_directory_offset")?,
+        })
+    }
+
     /// The extension's data as stored (24 bytes).
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut d = Vec::with_capacity(24);
@@ -338,19 +353,7 @@ impl Header {
                 EXT_BACKING_FORMAT => {
                     self.backing_format = Some(string_field(data, "backing format")?)
                 }
-                EXT_BITMAPS => {
-                    if data.len() < 24 {
-                        return Err(Error::corrupt(format!(
-                            "bitmaps extension of {} bytes (needs 24)",
-                            data.len()
-                        )));
-                    }
-                    self.bitmaps = Some(BitmapsExt {
-                        nb_bitmaps: u32_at(data, 0, "nb_bitmaps")?,
-                        bitmap_directory_size: u64_at(data, 8, "bitmap_directory_size")?,
-                        bitmap_directory_offset: u64_at(data, 16, "bitmap_directory_offset")?,
-                    });
-                }
+                EXT_BITMAPS => self.bitmaps = Some(BitmapsExt::parse(data)?),
                 EXT_CRYPTO => {
                     return Err(Error::unsupported(
                         "encrypted image (full-disk-encryption extension)",

@@ -334,6 +334,44 @@ mod tests {
     }
 
     #[test]
+    fn table_view_and_stores() {
+        let g = Geometry {
+            cluster_bits: 14,
+            extended: true,
+        };
+        let t = L2Table::empty(&g);
+        assert_eq!(t.len(), 1024, "16 KiB of 16-byte entries");
+        let e = L2Entry {
+            entry: 0x8000_0000_0005_0000,
+            bitmap: 0xffff_ffff,
+        };
+        let t = t.with([(3, e)]);
+        assert_eq!(t.get(3), e);
+        assert_eq!(t.get(2), L2Entry::default());
+        assert_eq!(
+            t.get(5000),
+            L2Entry::default(),
+            "past the end reads unallocated"
+        );
+        let (pos, bytes) = t.entry_bytes(3);
+        assert_eq!(pos, 48);
+        assert_eq!(bytes.len(), 16);
+        let all = t.to_bytes();
+        assert_eq!(all.len(), 16384);
+        assert_eq!(&all[48..64], &bytes[..]);
+        let back = L2Table::parse(&all, true);
+        assert_eq!(back.iter().filter(|e| *e != L2Entry::default()).count(), 1);
+        assert!(back.get(3).is_copied() && !back.get(3).is_compressed());
+        assert_eq!(back.get(3).offset(), HostOffset(0x5_0000));
+        // Standard entries: one word each, no bitmap.
+        let s = L2Table::parse(&all, false);
+        assert_eq!(
+            (s.len(), s.get(6).entry, s.get(6).bitmap),
+            (2048, e.entry, 0)
+        );
+    }
+
+    #[test]
     fn locate_guest_offsets() {
         // 64 KiB clusters: 8192 entries per table, 512 MiB per table.
         assert_eq!(G64.locate(GuestOffset(0)), (0, 0, 0));
