@@ -13,15 +13,12 @@ use super::read::Disk;
 use crate::error::{Error, ErrorKind, Result};
 use crate::qcow2::bitmaps::{self, TableEntry, FLAG_IN_USE};
 use crate::qcow2::header::{store_autoclear, AUTOCLEAR_BITMAPS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
-use crate::qcow2::l2::{L2Entry, L2Table, OFLAG_COPIED, OFLAG_ZERO};
+use crate::qcow2::l2::{l1_entry, L2Entry, L2Table};
 use crate::qcow2::refcount::Refcounts;
 use crate::qcow2::{guard, refcheck};
 use crate::qcow2::{BitmapCluster, HostCluster, HostOffset, Qcow2Image, Table};
 use std::collections::BTreeMap;
 use std::sync::Arc;
-
-const ALL_ALLOC: u64 = 0x0000_0000_ffff_ffff;
-const ALL_ZERO: u64 = 0xffff_ffff_0000_0000;
 
 pub struct Writer {
     pub(super) chain: Arc<Chain>,
@@ -239,7 +236,6 @@ impl Writer {
     fn write_clusters(&mut self, off: u64, data: &[u8]) -> Result<()> {
         self.check_range(off, data.len() as u64)?;
         let cs = self.q.geo.cluster_size();
-        let extended = self.q.geo.extended;
         let mut updates = Vec::new();
         let mut frees = Vec::new();
         let mut allocated = false;
@@ -251,11 +247,7 @@ impl Writer {
             let n = ((cs - in_off) as usize).min(data.len() - pos);
             let chunk = &data[pos..pos + n];
             let e = self.entry(gc)?;
-            let fully_mapped = if extended {
-                e.bitmap == ALL_ALLOC
-            } else {
-                e.entry & OFLAG_ZERO == 0
-            };
+            let fully_mapped = e.all_data(&self.q.geo);
             match self.owned_host(gc, e)? {
                 Some(host) if fully_mapped => {
                     self.not_metadata(gc, host, cs)?;
@@ -278,13 +270,9 @@ impl Writer {
                     };
                     self.not_metadata(gc, host, cs)?;
                     self.q.write_at(host, &buf, "data")?;
-                    let bitmap = if extended { ALL_ALLOC } else { 0 };
                     updates.push(Update {
                         gc,
-                        entry: L2Entry {
-                            entry: host.0 | OFLAG_COPIED,
-                            bitmap,
-                        },
+                        entry: L2Entry::data(host, &self.q.geo),
                     });
                 }
             }
@@ -300,7 +288,6 @@ impl Writer {
         self.check_range(off, len)?;
         let q = &self.q;
         let cs = q.geo.cluster_size();
-        let extended = q.geo.extended;
         let v3 = q.header.version >= 3;
         let end = off + len;
         let first_full = off.div_ceil(cs) * cs;
@@ -313,22 +300,14 @@ impl Writer {
         let mut frees = Vec::new();
         for gc in first_full / cs..last_full / cs {
             let e = self.entry(gc)?;
-            let (entry, bitmap) = match self.owned_host(gc, e)? {
+            let new = match self.owned_host(gc, e)? {
                 // Keep the allocation, as `write -z` does; the data is no longer read.
-                Some(host) => (
-                    host.0 | OFLAG_COPIED | if extended { 0 } else { OFLAG_ZERO },
-                    if extended { ALL_ZERO } else { 0 },
-                ),
+                Some(host) => L2Entry::zero(Some(host), &self.q.geo),
                 None => {
                     frees.extend(self.freed_by(gc, e)?);
-                    if extended {
-                        (0, ALL_ZERO)
-                    } else {
-                        (OFLAG_ZERO, 0)
-                    }
+                    L2Entry::zero(None, &self.q.geo)
                 }
             };
-            let new = L2Entry { entry, bitmap };
             if new != e {
                 updates.push(Update { gc, entry: new });
             }
@@ -399,8 +378,7 @@ impl Writer {
             q.l2_updated(l2, table);
         }
         for (l1_idx, l2, table) in new_tables {
-            let e = l2.0 | OFLAG_COPIED;
-            q.store_l1_entry(l1_idx, e)?;
+            q.store_l1_entry(l1_idx, l1_entry(l2))?;
             q.l2_updated(l2, table);
         }
         if !frees.is_empty() {

@@ -14,6 +14,9 @@ pub const OFLAG_ZERO: u64 = 1;
 
 /// Subclusters per cluster with extended L2 entries.
 pub const SUBCLUSTERS: u32 = 32;
+/// Extended L2 subcluster bitmaps: every subcluster allocated, or every one zero.
+const ALL_ALLOC: u64 = 0x0000_0000_ffff_ffff;
+const ALL_ZERO: u64 = 0xffff_ffff_0000_0000;
 
 /// Where a guest range of one layer lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,6 +47,41 @@ pub struct L2Entry {
 }
 
 impl L2Entry {
+    /// The whole cluster is data at `host` (unshared).
+    pub fn data(host: HostOffset, geo: &Geometry) -> L2Entry {
+        L2Entry {
+            entry: host.0 | OFLAG_COPIED,
+            bitmap: if geo.extended { ALL_ALLOC } else { 0 },
+        }
+    }
+
+    /// The whole cluster reads as zeros; with `keep`, the (unshared) host cluster stays
+    /// allocated to it, as `qemu-io write -z` leaves it.
+    pub fn zero(keep: Option<HostOffset>, geo: &Geometry) -> L2Entry {
+        let host = keep.map_or(0, |h| h.0 | OFLAG_COPIED);
+        if geo.extended {
+            L2Entry {
+                entry: host,
+                bitmap: ALL_ZERO,
+            }
+        } else {
+            L2Entry {
+                entry: host | OFLAG_ZERO,
+                bitmap: 0,
+            }
+        }
+    }
+
+    /// Every byte of the cluster reads from its host cluster (no zero flag, no unallocated
+    /// subcluster); meaningful for uncompressed entries with a host cluster.
+    pub fn all_data(&self, geo: &Geometry) -> bool {
+        if geo.extended {
+            self.bitmap == ALL_ALLOC
+        } else {
+            self.entry & OFLAG_ZERO == 0
+        }
+    }
+
     pub fn is_compressed(&self) -> bool {
         self.entry & OFLAG_COMPRESSED != 0
     }
@@ -289,6 +327,11 @@ impl Geometry {
     }
 }
 
+/// The L1 entry pointing at the (unshared) L2 table at `l2`.
+pub fn l1_entry(l2: HostOffset) -> u64 {
+    l2.0 | OFLAG_COPIED
+}
+
 /// The L2 table an L1 entry points to (None: unallocated), checked for alignment.
 pub fn l1_entry_offset(entry: u64, cluster_size: u64) -> Result<Option<HostOffset>> {
     let off = entry & L1E_OFFSET_MASK;
@@ -369,6 +412,36 @@ mod tests {
             (s.len(), s.get(6).entry, s.get(6).bitmap),
             (2048, e.entry, 0)
         );
+    }
+
+    #[test]
+    fn entries_a_writer_stores() {
+        let h = HostOffset(0x6_0000);
+        let std = G64;
+        assert_eq!(
+            d(std, L2Entry::data(h, &std).entry, 0, 0).unwrap().0,
+            Mapping::Data(h)
+        );
+        assert!(L2Entry::data(h, &std).all_data(&std));
+        assert_eq!(
+            d(
+                G128X,
+                L2Entry::data(h, &G128X).entry,
+                L2Entry::data(h, &G128X).bitmap,
+                0
+            )
+            .unwrap(),
+            (Mapping::Data(h), 128 << 10)
+        );
+        for g in [std, G128X] {
+            for keep in [None, Some(h)] {
+                let z = L2Entry::zero(keep, &g);
+                assert_eq!(g.decode(z, 0).unwrap(), (Mapping::Zero, g.cluster_size()));
+                assert!(!z.all_data(&g));
+                assert_eq!(z.is_copied(), keep.is_some());
+            }
+        }
+        assert_eq!(l1_entry_offset(l1_entry(h), 65536).unwrap(), Some(h));
     }
 
     #[test]
