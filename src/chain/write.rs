@@ -169,7 +169,7 @@ impl Writer {
         let q = &self.q;
         let cb = q.geo.cluster_bits;
         if e.is_compressed() {
-            let (host, len) = q.geo.compressed_span(e.entry);
+            let (host, len) = q.geo.compressed_span(e);
             self.not_metadata(gc, host, len)?;
             q.forget_cluster(host);
             let (c0, c1) = host.clusters(len, cb);

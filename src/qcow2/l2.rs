@@ -6,14 +6,14 @@ use super::types::{GuestOffset, HostOffset};
 use crate::error::{Error, Result};
 use std::sync::Arc;
 
-pub const L1E_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
-pub const L2E_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
-pub const OFLAG_COPIED: u64 = 1 << 63;
-pub const OFLAG_COMPRESSED: u64 = 1 << 62;
-pub const OFLAG_ZERO: u64 = 1;
+const L1E_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+const L2E_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+const OFLAG_COPIED: u64 = 1 << 63;
+const OFLAG_COMPRESSED: u64 = 1 << 62;
+const OFLAG_ZERO: u64 = 1;
 
 /// Subclusters per cluster with extended L2 entries.
-pub const SUBCLUSTERS: u32 = 32;
+const SUBCLUSTERS: u32 = 32;
 /// Extended L2 subcluster bitmaps: every subcluster allocated, or every one zero.
 const ALL_ALLOC: u64 = 0x0000_0000_ffff_ffff;
 const ALL_ZERO: u64 = 0xffff_ffff_0000_0000;
@@ -264,7 +264,8 @@ impl Geometry {
     }
 
     /// Split a compressed descriptor into (host byte offset, span length in bytes).
-    pub fn compressed_span(&self, entry: u64) -> (HostOffset, u64) {
+    pub fn compressed_span(&self, e: L2Entry) -> (HostOffset, u64) {
+        let entry = e.entry;
         let shift = self.csize_shift();
         let host_off = entry & ((1u64 << shift) - 1);
         let nsect = ((entry >> shift) & ((1u64 << (self.cluster_bits - 8)) - 1)) + 1;
@@ -283,7 +284,7 @@ impl Geometry {
                     "compressed cluster with non-zero subcluster bitmap {bitmap:#x}"
                 )));
             }
-            let (host_off, len) = self.compressed_span(entry);
+            let (host_off, len) = self.compressed_span(e);
             return Ok((Mapping::Compressed { host_off, len }, rest));
         }
         let offset = entry & L2E_OFFSET_MASK;

@@ -129,7 +129,7 @@ fn walk(q: &Qcow2Image, rc: &Refcounts, counts: &mut Counts) -> Result<()> {
         let table = q.l2_table(l2)?;
         for (k, e) in table.iter().enumerate() {
             let (host, len) = if e.is_compressed() {
-                q.geo.compressed_span(e.entry)
+                q.geo.compressed_span(e)
             } else {
                 (e.offset(), cs)
             };
