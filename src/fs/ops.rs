@@ -80,6 +80,7 @@ const KINDS: [&str; 6] = [
 struct KindCounters {
     requests: AtomicU64,
     bytes: AtomicU64,
+    lseeks: AtomicU64,
 }
 
 /// The model-dependent part of the tree, swapped as a whole when checkpoints change.
@@ -295,7 +296,8 @@ impl FsCore {
             per_kind.insert(
                 k.to_string(),
                 json!({"requests": self.counters[i].requests.load(Ordering::Relaxed),
-                       "bytes": self.counters[i].bytes.load(Ordering::Relaxed)}),
+                       "bytes": self.counters[i].bytes.load(Ordering::Relaxed),
+                       "lseeks": self.counters[i].lseeks.load(Ordering::Relaxed)}),
             );
         }
         let chain = &st.engine.model.chain;
@@ -316,6 +318,7 @@ impl FsCore {
             "cache": {"hits": s.hits.load(Ordering::Relaxed), "misses": s.misses.load(Ordering::Relaxed),
                       "evictions": s.evictions.load(Ordering::Relaxed)},
             "merge_time_ms": s.merge_ns.load(Ordering::Relaxed) as f64 / 1e6,
+            "chain_lookups": st.engine.current.lookups(),
         })
     }
 
@@ -463,7 +466,9 @@ impl FsCore {
             fh,
             // On rw mounts disk.img too: the kernel then forwards a write that crosses the end
             // whole, so it is refused whole instead of being cut at a page boundary.
-            direct_io: node == Node::StatsJson || rw,
+            // changed.img too: readahead would read past each changed run into the holes
+            // around it (2.1x the bytes for `cp --sparse`), and a backup reads it once.
+            direct_io: node == Node::StatsJson || rw || matches!(node, Node::CkptChanged(_)),
             keep_cache: node != Node::StatsJson && !rw,
         })
     }
@@ -535,6 +540,9 @@ impl FsCore {
         let st = self.state();
         let st = &*st;
         let node = self.node(st, ino)?;
+        if let Some(i) = KINDS.iter().position(|k| *k == node.kind_name()) {
+            self.counters[i].lseeks.fetch_add(1, Ordering::Relaxed);
+        }
         let size = self.getattr_size(st, node)?;
         let enxio = || Error::io("seek", std::io::Error::from_raw_os_error(libc::ENXIO));
         if whence != SEEK_DATA && whence != SEEK_HOLE {

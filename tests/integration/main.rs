@@ -13,3 +13,4 @@ mod props;
 mod reader;
 mod reliability;
 mod rw;
+mod shape;
