@@ -6,6 +6,7 @@ pub struct Cfg {
     pub gib: u64,
     pub big_gib: u64,
     pub comp_mib: u64,
+    pub restore_mib: u64,
     pub runs: usize,
     pub fio_secs: u64,
     pub cache_mb: u64,
@@ -54,6 +55,8 @@ impl Cfg {
             gib: env_u64("CKPTFS_BENCH_GIB", if small { 1 } else { 8 })?.max(1),
             big_gib: env_u64("CKPTFS_BENCH_BIG_GIB", if small { 64 } else { 1024 })?.max(1),
             comp_mib: env_u64("CKPTFS_BENCH_COMP_MIB", if small { 64 } else { 256 })?.max(4),
+            restore_mib: env_u64("CKPTFS_BENCH_RESTORE_MIB", if small { 256 } else { 2048 })?
+                .max(4),
             runs: env_u64("CKPTFS_BENCH_RUNS", 3)?.max(1) as usize,
             fio_secs: env_u64("CKPTFS_BENCH_FIO_SECS", if small { 3 } else { 10 })?.max(1),
             cache_mb: env_u64("CKPTFS_BENCH_CACHE_MB", 64)?,
@@ -68,7 +71,7 @@ impl Cfg {
             groups: std::env::var("CKPTFS_BENCH_ROWS")
                 .map(|v| v.split(',').map(|s| s.trim().to_string()).collect())
                 .unwrap_or_else(|_| {
-                    ["seq", "rand", "cp", "incr", "meta", "comp"]
+                    ["seq", "rand", "cp", "incr", "meta", "comp", "restore"]
                         .map(String::from)
                         .to_vec()
                 }),

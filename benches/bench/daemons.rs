@@ -14,10 +14,15 @@ pub struct Ckptfs {
 
 impl Ckptfs {
     pub fn start(cfg: &Cfg, image: &Path, dir: &Path) -> Res<Ckptfs> {
+        Ckptfs::start_with(cfg, image, dir, "")
+    }
+
+    /// `start` with more mount options (`extra`, e.g. "rw,").
+    pub fn start_with(cfg: &Cfg, image: &Path, dir: &Path, extra: &str) -> Res<Ckptfs> {
         fs::create_dir_all(dir)?;
         let log = dir.with_extension("log");
         let err = File::create(&log)?;
-        let opts = format!("cache_mb={}", cfg.cache_mb);
+        let opts = format!("{extra}cache_mb={}", cfg.cache_mb);
         let t = Instant::now();
         let mut c = command(&p(&cfg.bin), &["-f", "-o", &opts, &p(image), &p(dir)]);
         c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(err);
@@ -95,14 +100,24 @@ pub struct Qsd {
 
 impl Qsd {
     pub fn start(top: &Path, file: &Path) -> Res<Qsd> {
+        Qsd::start_with(top, file, false)
+    }
+
+    /// `start`, exporting the image writable when `writable`.
+    pub fn start_with(top: &Path, file: &Path, writable: bool) -> Res<Qsd> {
         File::create(file)?;
         let file = fs::canonicalize(file)?;
+        let (ro, w) = if writable {
+            ("off", "on")
+        } else {
+            ("on", "off")
+        };
         let blockdev = format!(
-            "driver=qcow2,node-name=n,read-only=on,file.driver=file,file.filename={}",
+            "driver=qcow2,node-name=n,read-only={ro},file.driver=file,file.filename={}",
             p(top)
         );
         let export = format!(
-            "type=fuse,id=e,node-name=n,mountpoint={},writable=off,allow-other=off",
+            "type=fuse,id=e,node-name=n,mountpoint={},writable={w},allow-other=off",
             p(&file)
         );
         let log = file.with_extension("log");

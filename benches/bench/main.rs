@@ -9,19 +9,20 @@
 //!   (~579 MB, scaled with the size) since the oldest checkpoint c1;
 //! - the big chain: `CKPTFS_BENCH_BIG_GIB` GiB (default 1024), 3 layers, 20 checkpoints, the
 //!   same number and sizes of changed extents (sparse: only they and the bitmaps take space);
-//! - two fully compressed images (zlib and zstd) of `CKPTFS_BENCH_COMP_MIB` MiB (default 256).
+//! - two fully compressed images (zlib and zstd) of `CKPTFS_BENCH_COMP_MIB` MiB (default 256);
+//! - a raw file of `CKPTFS_BENCH_RESTORE_MIB` MiB (default 2048) to restore into a fresh qcow2.
 //!
 //! Then runs every row `CKPTFS_BENCH_RUNS` times (default 3) against its QEMU anchor
 //! (qemu-storage-daemon's FUSE export, qemu-nbd + nbdcopy, the "QEMU way" incremental copy
 //! of contrib/bench/qemu_incremental.py, qemu-img bitmap --merge, the decoders' own speed) and
 //! prints min/median per row, the ratio of medians and PASS/MISS against the target.
 //!
-//! Environment: `CKPTFS_BIN` (the ckptfs binary; default the one cargo built with
-//! this benchmark),
-//! `CKPTFS_BENCH_SMALL=1` (a quick run: 1 GiB / 64 GiB / 64 MiB, 3 s of fio),
-//! `CKPTFS_BENCH_GIB`, `CKPTFS_BENCH_BIG_GIB`, `CKPTFS_BENCH_COMP_MIB`, `CKPTFS_BENCH_RUNS`,
-//! `CKPTFS_BENCH_FIO_SECS` (default 10), `CKPTFS_BENCH_ROWS` (comma-separated row groups to
-//! run: seq, rand, cp, incr, meta, comp; default all), `CKPTFS_BENCH_CACHE_MB` (default 64),
+//! Environment: `CKPTFS_BIN` (the ckptfs binary; default the one cargo built with this
+//! benchmark), `CKPTFS_BENCH_SMALL=1` (a quick run: 1 GiB / 64 GiB / 64 MiB / 256 MiB, 3 s of
+//! fio), `CKPTFS_BENCH_GIB`, `CKPTFS_BENCH_BIG_GIB`, `CKPTFS_BENCH_COMP_MIB`,
+//! `CKPTFS_BENCH_RESTORE_MIB`, `CKPTFS_BENCH_RUNS`, `CKPTFS_BENCH_FIO_SECS` (default 10),
+//! `CKPTFS_BENCH_ROWS` (comma-separated row groups to run: seq, rand, cp, incr, meta, comp,
+//! restore; default all), `CKPTFS_BENCH_CACHE_MB` (default 64),
 //! `CKPTFS_BENCH_TMP` (default /tmp), `CKPTFS_BENCH_OUT` (where copies are written; default
 //! /dev/shm), `CKPTFS_BENCH_PYTHON` (a python3 with libnbd; default /usr/bin/python3),
 //! `CKPTFS_BENCH_HOLD=1` (mount the main chain, print the PID and wait for Enter: for profiling).
@@ -49,6 +50,7 @@ mod daemons;
 mod fixtures;
 mod groups;
 mod measure;
+mod restore;
 mod sys;
 mod table;
 
@@ -57,6 +59,7 @@ use daemons::*;
 use fixtures::*;
 use groups::*;
 use measure::*;
+use restore::*;
 use sys::*;
 use table::*;
 
@@ -207,7 +210,19 @@ fn real_main() -> Res<()> {
     if cfg.wants("incr") {
         println!("== incremental copy");
         let small = incr_row(&mut cx, main_chain.as_ref().expect("main"))?;
-        let big = incr_row(&mut cx, big_chain.as_ref().expect("big"))?;
+        let bc = big_chain.as_ref().expect("big");
+        let big = incr_row(&mut cx, bc)?;
+        let mut r = Row::new(
+            &format!(
+                "incr cp, {} GiB chain: changed bytes per second",
+                bc.size / GIB
+            ),
+            Unit::MibS,
+            "",
+            Target::AtLeast(1024.0),
+        );
+        r.ck.push(mib_s(bc.changed_bytes, big));
+        cx.push(r);
         let ratio = big / small;
         let mut r = Row::new(
             "incr time, big disk / main disk (same changes)",
@@ -233,6 +248,11 @@ fn real_main() -> Res<()> {
         }
         rm(&raw);
         comp_rows(&mut cx, &imgs, &data)?;
+    }
+
+    if cfg.wants("restore") {
+        println!("== rw restore");
+        restore_rows(&mut cx)?;
     }
 
     let peak = PEAK_MEM.lock().unwrap_or_else(|e| e.into_inner()).clone();

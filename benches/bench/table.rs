@@ -30,6 +30,8 @@ pub enum Target {
     Ratio(f64),
     /// ckptfs median at most x (in the row's unit).
     AtMost(f64),
+    /// ckptfs median at least x (in the row's unit).
+    AtLeast(f64),
     /// A yes/no check with its explanation.
     Check(bool, String),
     Info,
@@ -97,6 +99,13 @@ impl Row {
                 (
                     if m <= *x { "PASS" } else { "MISS" },
                     format!("<= {}", self.unit.fmt(*x)),
+                )
+            }
+            Target::AtLeast(x) => {
+                let m = median(&self.ck);
+                (
+                    if m >= *x { "PASS" } else { "MISS" },
+                    format!(">= {}", self.unit.fmt(*x)),
                 )
             }
             Target::Check(ok, what) => (if *ok { "PASS" } else { "MISS" }, what.clone()),
