@@ -116,6 +116,14 @@ fn is_data(node: Node) -> bool {
     )
 }
 
+/// Is this a disk image (current, at a checkpoint, or changed since one)?
+fn is_disk(node: Node) -> bool {
+    matches!(
+        node,
+        Node::CurrentDisk | Node::CkptDisk(_) | Node::CkptChanged(_)
+    )
+}
+
 /// Is this a generated text file (JSON, extents), whose content an open handle keeps?
 fn is_generated(node: Node) -> bool {
     !node.is_dir() && !is_data(node)
@@ -466,9 +474,10 @@ impl FsCore {
             fh,
             // On rw mounts disk.img too: the kernel then forwards a write that crosses the end
             // whole, so it is refused whole instead of being cut at a page boundary.
-            // changed.img too: readahead would read past each changed run into the holes
-            // around it (2.1x the bytes for `cp --sparse`), and a backup reads it once.
-            direct_io: node == Node::StatsJson || rw || matches!(node, Node::CkptChanged(_)),
+            // The disks too, on every mount: readahead reads past each data run into the holes
+            // around it (2.1x the bytes for `cp --sparse` of changed.img), and a first read
+            // through the page cache costs twice a direct one (a backup reads once).
+            direct_io: node == Node::StatsJson || rw || is_disk(node),
             keep_cache: node != Node::StatsJson && !rw,
         })
     }

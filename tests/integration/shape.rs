@@ -1,7 +1,7 @@
 //! The shape of an incremental copy, not its speed (the benchmark measures that): through
 //! stats.json, `cp --sparse=always` of changed.img moves only the changed bytes through FUSE (no
 //! readahead into the holes around each run), makes two lseeks per changed run, and resolves
-//! each run through the chain a bounded number of times. changed.img stays mmap-able.
+//! each run through the chain a bounded number of times. The disks stay mmap-able.
 
 use crate::common::{self, create, qemu_img, qemu_io};
 use crate::mountutil::*;
@@ -73,16 +73,33 @@ fn incremental_copy_moves_changed_bytes_only() {
     let want: Vec<(u64, u64)> = runs.iter().map(|&(o, l)| (o, o + l)).collect();
     assert_eq!(got, want, "the sparse copy holds exactly the changed runs");
 
-    // changed.img bypasses the page cache, but MAP_SHARED still works and agrees with read.
+    // The disks bypass the page cache, but MAP_SHARED still works and agrees with read.
     let (o, l) = runs[5];
-    let mapped = timed("mmap changed.img", move || {
-        let f = File::open(&src).unwrap();
-        let len = f.metadata().unwrap().len() as usize;
+    let m = mapped(&src, o, l);
+    assert!(
+        m.iter().all(|&b| b == 0x25),
+        "mmap of changed.img: wrong bytes"
+    );
+    // 1 MiB lies between two changed runs: the base's bytes.
+    let m = mapped(&mnt.path("current/disk.img"), MIB, l);
+    assert!(
+        m.iter().all(|&b| b == 0x11),
+        "mmap of disk.img: wrong bytes"
+    );
+    mnt.unmount();
+}
+
+/// `len` bytes at `off` of `path`, through a read-only MAP_SHARED mapping.
+fn mapped(path: &std::path::Path, off: u64, len: u64) -> Vec<u8> {
+    let path = path.to_path_buf();
+    timed(&format!("mmap {}", path.display()), move || {
+        let f = File::open(&path).unwrap();
+        let size = f.metadata().unwrap().len() as usize;
         // SAFETY: a read-only shared mapping of a file we hold open; unmapped below.
         let p = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                len,
+                size,
                 libc::PROT_READ,
                 libc::MAP_SHARED,
                 f.as_raw_fd(),
@@ -95,13 +112,12 @@ fn incremental_copy_moves_changed_bytes_only() {
             "mmap: {}",
             std::io::Error::last_os_error()
         );
-        // SAFETY: [o, o+l) lies inside the mapping of `len` bytes.
-        let v = unsafe { std::slice::from_raw_parts(p.cast::<u8>().add(o as usize), l as usize) }
-            .to_vec();
+        // SAFETY: [off, off+len) lies inside the mapping of `size` bytes.
+        let v =
+            unsafe { std::slice::from_raw_parts(p.cast::<u8>().add(off as usize), len as usize) }
+                .to_vec();
         // SAFETY: the mapping made above, not used after this.
-        unsafe { libc::munmap(p, len) };
+        unsafe { libc::munmap(p, size) };
         v
-    });
-    assert_eq!(mapped, vec![0x25u8; l as usize], "mmap of changed.img");
-    mnt.unmount();
+    })
 }
