@@ -41,7 +41,7 @@ pub fn seq_rows(cx: &mut Ctx, c: &Chain) -> Res<()> {
         Target::Ratio(2.0),
     );
     let mut reread = Row::new(
-        "seq dd bs=1M, re-read (kernel page cache)",
+        "seq dd bs=1M, re-read (same mount)",
         Unit::MibS,
         qsd_anchor,
         Target::Info,
