@@ -16,4 +16,5 @@ mod reader;
 mod refusals;
 mod reliability;
 mod rw;
+mod shape;
 mod signals;
