@@ -165,7 +165,7 @@ impl FsCore {
     /// Refuse to serve data mixed from before and after another program changed a layer
     /// (checked at most every 100 ms; fstat per layer).
     fn check_fresh(&self, st: &State) -> Result<()> {
-        let eio = |m: &str| Error::io(m.to_string(), std::io::Error::from_raw_os_error(libc::EIO));
+        let eio = |m: &str| Error::new(ErrorKind::Stale, m);
         if let Some(m) = self.stale.get() {
             return Err(eio(m));
         }
@@ -436,9 +436,9 @@ impl FsCore {
             match (&self.writer, node) {
                 (Some(_), Node::CurrentDisk) => {}
                 (Some(_), _) => {
-                    return Err(Error::io(
+                    return Err(Error::new(
+                        ErrorKind::NoAccess,
                         "only current/disk.img is writable",
-                        std::io::Error::from_raw_os_error(libc::EACCES),
                     ))
                 }
                 (None, _) => return Err(Error::new(ErrorKind::ReadOnly, "read-only file system")),
@@ -536,7 +536,7 @@ impl FsCore {
         let st = &*st;
         let node = self.node(st, ino)?;
         let size = self.getattr_size(st, node)?;
-        let enxio = || Error::io("seek", std::io::Error::from_raw_os_error(libc::ENXIO));
+        let enxio = || Error::new(ErrorKind::PastEnd, "seek past the end or the last data");
         if whence != SEEK_DATA && whence != SEEK_HOLE {
             return Err(Error::invalid("unsupported whence"));
         }
@@ -579,9 +579,9 @@ impl FsCore {
         let st = &*st;
         match (&self.writer, self.node(st, ino)?) {
             (Some(w), Node::CurrentDisk) => Ok(w),
-            (Some(_), _) => Err(Error::io(
+            (Some(_), _) => Err(Error::new(
+                ErrorKind::NoAccess,
                 "only current/disk.img is writable",
-                std::io::Error::from_raw_os_error(libc::EACCES),
             )),
             (None, _) => Err(Error::new(ErrorKind::ReadOnly, "read-only file system")),
         }
@@ -727,10 +727,7 @@ impl FsCore {
         }
         let st = self.state();
         if st.tree.lookup(ROOT, name).is_some() {
-            return Err(Error::io(
-                format!("'{name}' exists"),
-                std::io::Error::from_raw_os_error(libc::EEXIST),
-            ));
+            return Err(Error::new(ErrorKind::Exists, format!("'{name}' exists")));
         }
         let model = &st.engine.model;
         let top = model
