@@ -5,6 +5,7 @@ pub mod access;
 pub mod bitmap_dir;
 pub mod lock;
 pub mod open;
+pub mod plan;
 pub mod read;
 pub mod write;
 

@@ -2,12 +2,9 @@
 //! a mount. `handlers.rs` adapts it to fuser.
 
 use super::tree::{Node, Tree, ROOT};
-use crate::chain::bitmap_dir::ckpt_part;
-use crate::chain::write::Writer;
 use crate::chain::Disk;
 use crate::checkpoint::engine::{keep, Cached};
-use crate::checkpoint::{render, Engine};
-use crate::checkpoint::{Kind, Model};
+use crate::checkpoint::{render, Editor, Engine, Model};
 use crate::error::{Error, ErrorKind, Result};
 use crate::qcow2::Table;
 use parking_lot::{Mutex, RwLock};
@@ -96,7 +93,7 @@ pub struct FsCore {
     next_fh: AtomicU64,
     generated: Vec<Cached<Arc<[u8]>>>,
     /// The writer of the top image, on `-o rw` mounts; one at a time.
-    writer: Option<Mutex<Writer>>,
+    writer: Option<Mutex<Editor>>,
     /// Set once a layer was found changed underneath the mount: data reads then fail.
     stale: OnceLock<String>,
     last_check_ms: AtomicU64,
@@ -120,27 +117,13 @@ fn is_generated(node: Node) -> bool {
     !node.is_dir() && !is_data(node)
 }
 
-/// Does the chain name its bitmaps `child^parent`?
-fn uses_carets(model: &Model) -> bool {
-    model
-        .chain
-        .layers
-        .iter()
-        .filter_map(|l| l.qcow2())
-        .any(|q| {
-            q.bitmaps()
-                .iter()
-                .any(|b| !b.removed && b.entry.name.contains('^'))
-        })
-}
-
 fn not_found() -> Error {
     Error::new(ErrorKind::NotFound, "no such file or directory")
 }
 
 impl FsCore {
     /// A core for a mount; `writer` makes current/disk.img writable (`-o rw`).
-    pub fn new(engine: Engine, info: MountInfo, writer: Option<Writer>) -> FsCore {
+    pub fn new(engine: Engine, info: MountInfo, writer: Option<Editor>) -> FsCore {
         let tree = Tree::build(&engine.model, None);
         let n = engine.model.checkpoints.len() * 6 + 8;
         FsCore {
@@ -574,7 +557,7 @@ impl FsCore {
         }
     }
 
-    fn writer(&self, ino: u64) -> Result<&Mutex<Writer>> {
+    fn writer(&self, ino: u64) -> Result<&Mutex<Editor>> {
         let st = self.state();
         let st = &*st;
         match (&self.writer, self.node(st, ino)?) {
@@ -704,13 +687,13 @@ impl FsCore {
         *guard = Arc::new(State { engine, tree });
     }
 
-    fn rw_writer(&self) -> Result<&Mutex<Writer>> {
+    fn rw_writer(&self) -> Result<&Mutex<Editor>> {
         self.writer
             .as_ref()
             .ok_or_else(|| Error::new(ErrorKind::ReadOnly, "read-only file system"))
     }
 
-    /// `mkdir MOUNT/NAME`: a new checkpoint (an enabled bitmap NAME in the top image).
+    /// `mkdir MOUNT/NAME`: a new checkpoint (policy: `checkpoint::edit::plan_mkdir`).
     pub fn mkdir(&self, parent: u64, name: &str) -> Result<Attr> {
         let w = self.rw_writer()?;
         if parent != ROOT {
@@ -719,141 +702,21 @@ impl FsCore {
                 "checkpoints are made at the top of the tree",
             ));
         }
-        if name.contains('^') {
-            // '^' separates child and parent in delta-scheme bitmap names.
-            return Err(Error::invalid(format!(
-                "checkpoint name '{name}': '^' is reserved"
-            )));
-        }
         let st = self.state();
-        if st.tree.lookup(ROOT, name).is_some() {
-            return Err(Error::new(ErrorKind::Exists, format!("'{name}' exists")));
-        }
-        let model = &st.engine.model;
-        let top = model
-            .chain
-            .top()
-            .qcow2()
-            .ok_or_else(|| Error::unsupported("top is not qcow2"))?;
-        let caret = uses_carets(model);
-        let live: Vec<(usize, Arc<crate::qcow2::Bitmap>)> = top
-            .bitmaps()
-            .into_iter()
-            .enumerate()
-            .filter(|(_, b)| !b.removed && b.distrust.is_none())
-            .collect();
-        let enabled: Vec<usize> = live
-            .iter()
-            .filter(|(_, b)| b.entry.auto())
-            .map(|(i, _)| *i)
-            .collect();
-        let delta = caret || (enabled.len() == 1 && live.len() > 1);
-        let newest = model
-            .checkpoints
-            .iter()
-            .rev()
-            .find(|c| c.kind == Kind::Bitmap && c.layer.is_some());
-        let gran = newest
-            .map(|c| c.granularity)
-            .unwrap_or_else(|| top.geo.cluster_size().max(65536));
-        let bname = match (caret, newest) {
-            (true, Some(p)) => format!("{name}^{}", p.name),
-            _ => name.to_string(),
-        };
-        let disable = if delta {
-            enabled.first().copied()
-        } else {
-            None
-        };
-        w.lock()
-            .add_bitmap(&bname, gran.trailing_zeros() as u8, disable)?;
-        log::info!("checkpoint '{name}' created (bitmap '{bname}')");
+        let taken = st.tree.lookup(ROOT, name).is_some();
+        w.lock().mkdir(&st.engine.model, name, taken)?;
         self.rebuild();
         self.lookup(ROOT, name)
     }
 
-    /// `rmdir MOUNT/NAME`: delete a bitmap checkpoint that lives only in the top image.
+    /// `rmdir MOUNT/NAME`: delete a checkpoint (policy: `checkpoint::edit::plan_rmdir`).
     pub fn rmdir(&self, parent: u64, name: &str) -> Result<()> {
         let w = self.rw_writer()?;
+        if parent != ROOT {
+            return Err(not_found());
+        }
         let st = self.state();
-        let model = &st.engine.model;
-        let ci = model
-            .checkpoints
-            .iter()
-            .position(|c| c.dir_name == name && parent == ROOT)
-            .ok_or_else(not_found)?;
-        let c = &model.checkpoints[ci];
-        if c.kind != Kind::Bitmap || c.layer != Some(0) {
-            let why = format!(
-                "rmdir {name}: refused: only bitmap checkpoints that live only in the top image can be deleted                  (this one is a {} checkpoint{})",
-                c.kind.as_str(),
-                if c.kind == Kind::Bitmap { " carried by a backing layer" } else { "" }
-            );
-            log::warn!("{why}");
-            return Err(Error::new(ErrorKind::Refused, why));
-        }
-        let top = model
-            .chain
-            .top()
-            .qcow2()
-            .ok_or_else(|| Error::unsupported("top is not qcow2"))?;
-        let bms = top.bitmaps();
-        let find_top = |ck: &str| {
-            bms.iter()
-                .position(|b| !b.removed && ckpt_part(&b.entry.name) == ck)
-        };
-        let bi = find_top(&c.name).ok_or_else(not_found)?;
-        let caret = uses_carets(model);
-        let live: Vec<usize> = (0..bms.len())
-            .filter(|&i| !bms[i].removed && bms[i].distrust.is_none())
-            .collect();
-        let enabled = live.iter().filter(|&&i| bms[i].entry.auto()).count();
-        let delta = caret || !bms[bi].entry.auto() || (enabled == 1 && live.len() > 1);
-        let bitmap_ckpts: Vec<&crate::checkpoint::Checkpoint> = model
-            .checkpoints
-            .iter()
-            .filter(|x| x.kind == Kind::Bitmap && x.layer.is_some())
-            .collect();
-        let pos = bitmap_ckpts
-            .iter()
-            .position(|x| x.name == c.name)
-            .expect("listed");
-        let prev = pos.checked_sub(1).map(|p| bitmap_ckpts[p]);
-        let next = bitmap_ckpts.get(pos + 1).copied();
-        let mut renames = Vec::new();
-        if caret {
-            if let Some(n) = next.and_then(|n| find_top(&n.name)) {
-                let child = ckpt_part(&bms[n].entry.name).to_string();
-                renames.push((
-                    n,
-                    prev.map_or(child.clone(), |p| format!("{child}^{}", p.name)),
-                ));
-            }
-        }
-        let mut wl = w.lock();
-        match prev.filter(|_| delta) {
-            None => wl.remove_bitmap(bi, None, false, &renames, None)?,
-            Some(p) => match find_top(&p.name) {
-                Some(pbi) => {
-                    wl.remove_bitmap(bi, Some(pbi), bms[bi].entry.auto(), &renames, None)?
-                }
-                None => {
-                    // The parent's bitmap lives below: this bitmap becomes the parent's in the
-                    // top image (its bits are exactly what the parent gains here).
-                    let pname = model
-                        .chain
-                        .layers
-                        .iter()
-                        .filter_map(|l| l.qcow2())
-                        .flat_map(|q| q.bitmaps())
-                        .find(|b| !b.removed && ckpt_part(&b.entry.name) == p.name)
-                        .map_or(p.name.clone(), |b| b.entry.name.clone());
-                    wl.remove_bitmap(bi, None, false, &renames, Some(pname))?
-                }
-            },
-        }
-        drop(wl);
-        log::info!("checkpoint '{name}' deleted");
+        w.lock().rmdir(&st.engine.model, name)?;
         self.rebuild();
         Ok(())
     }
