@@ -280,6 +280,11 @@ pub fn run(image: &Path, mountpoint: &Path, o: &MountOptions, foreground: bool) 
             drop(rd);
             // SAFETY: setsid in the fresh child detaches it from the terminal's session.
             unsafe { libc::setsid() };
+            // Every path the daemon needs is absolute or already open: keep no directory of
+            // the caller's busy (a daemon left in /mnt/x would stop `umount /mnt/x`).
+            if let Err(e) = std::env::set_current_dir("/") {
+                log::warn!("chdir /: {e}");
+            }
             let mut wr = std::fs::File::from(wr);
             let r = serve(prepared, stop, move |status| {
                 let msg = match status {

@@ -1,6 +1,7 @@
 //! Integration tests: one binary, one module per area.
 // Test helpers fail loudly on unexpected host errors: unwrap is the idiom here.
 #![allow(clippy::unwrap_used)]
+mod backup;
 mod blockdev;
 mod checkpoints_rw;
 mod common;
@@ -8,6 +9,7 @@ mod confine;
 mod contrib;
 mod faults;
 mod hostile;
+mod libvirt;
 mod mount;
 mod mountutil;
 mod package;

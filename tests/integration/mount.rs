@@ -1111,3 +1111,31 @@ fn harness_recovers_from_a_hung_daemon() {
         "the guard must end the hung daemon"
     );
 }
+
+/// The daemon leaves the caller's directory: a ckptfs started from a directory on another
+/// mount must not keep that mount busy (its cwd is `/`, as libfuse's daemonize does).
+#[test]
+fn daemon_keeps_no_directory_busy() {
+    let d = tempdir();
+    create(d.path(), "top.qcow2", "1M", "", None);
+    let dir = mount_dir(d.path(), "mnt");
+    let cwd = d.path().join("cwd");
+    std::fs::create_dir(&cwd).unwrap();
+    let r = run_files(
+        Some(&cwd),
+        bin(),
+        &[d.path().join("top.qcow2").as_os_str(), dir.as_os_str()],
+    );
+    assert!(r.ok, "ckptfs failed: {}{}", r.stdout, r.stderr);
+    let m = Mount::adopt(&dir);
+    let pids = ckptfs_pids_for(&m.dir);
+    assert_eq!(
+        pids.len(),
+        1,
+        "one daemon for {}: {pids:?}",
+        m.dir.display()
+    );
+    let daemon_cwd = std::fs::read_link(format!("/proc/{}/cwd", pids[0])).unwrap();
+    assert_eq!(daemon_cwd, Path::new("/"), "daemon's working directory");
+    m.unmount();
+}

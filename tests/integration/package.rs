@@ -53,7 +53,7 @@ const CONTENTS: &[&str] = &[
 ];
 
 /// Depends entries that must be there besides the shared-library ones ($auto).
-const DEPENDS: &[&str] = &["fuse3", "qemu-utils", "mount", "mawk | awk"];
+const DEPENDS: &[&str] = &["fuse3", "qemu-utils", "mount", "mawk | awk", "jq"];
 
 /// `cmd args` under `timeout -k 5 SECS` and `env ENV` (`-u NAME` first, then `NAME=value`).
 fn run_env(secs: &str, env: &[&str], cmd: &str, args: &[&OsStr]) -> Ran {
