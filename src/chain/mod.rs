@@ -7,6 +7,8 @@ pub mod lock;
 pub mod open;
 pub mod plan;
 pub mod read;
+pub mod usage;
+pub mod watch;
 pub mod write;
 
 pub use open::{Chain, Layer, LayerKind};

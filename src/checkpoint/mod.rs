@@ -10,6 +10,7 @@ pub mod libvirt;
 pub mod model;
 pub mod render;
 pub mod since;
+pub mod stats;
 
 pub use editor::Editor;
 pub use engine::Engine;

@@ -3,6 +3,7 @@
 
 pub mod errno;
 pub mod handlers;
+pub mod node;
 pub mod ops;
 pub mod tree;
 
