@@ -255,18 +255,18 @@ mod tests {
 
     #[test]
     fn the_table_derives_kinds_and_slots() {
-        assert_eq!(
-            stat_kinds(),
-            [
-                "dir",
-                "json",
-                "disk.img",
-                "changed.img",
-                "bitmap.bin",
-                "extents"
-            ]
-        );
-        // Every generated file of every checkpoint has its own slot inside the range.
+        // Each kind once: the fixed nodes' first, then every table entry's.
+        let kinds = stat_kinds();
+        assert_eq!(kinds[..3], ["dir", "json", "disk.img"]);
+        for f in CKPT_FILES {
+            assert_eq!(
+                kinds.iter().filter(|k| **k == f.stat).count(),
+                1,
+                "{}",
+                f.name
+            );
+        }
+        // Every file of every checkpoint has its own content slot inside the range.
         let n = 3;
         let mut slots: Vec<usize> = (0..n)
             .flat_map(|ci| (0..CKPT_FILES.len()).map(move |file| Node::Ckpt { ci, file }))
@@ -275,21 +275,17 @@ mod tests {
             .collect();
         slots.sort_unstable();
         slots.dedup();
-        assert_eq!(slots.len(), 2 + n * CKPT_FILES.len());
+        assert_eq!(slots.len(), content_slots(n));
         assert!(slots.iter().all(|&s| s < content_slots(n)));
-        let names: Vec<&str> = CKPT_FILES.iter().map(|f| f.name).collect();
-        assert_eq!(
-            names,
-            [
-                "disk.img",
-                "changed.img",
-                "bitmap.bin",
-                "extents",
-                "info.json"
-            ]
-        );
-        assert!(Node::Ckpt { ci: 0, file: 1 }.is_data());
-        assert!(Node::Ckpt { ci: 0, file: 3 }.is_generated());
-        assert_eq!(Node::Ckpt { ci: 0, file: 4 }.stat(), "json");
+        // A node's class and kind are its entry's.
+        for (file, f) in CKPT_FILES.iter().enumerate() {
+            let node = Node::Ckpt { ci: 1, file };
+            assert_eq!(node.stat(), f.stat);
+            assert_eq!(node.is_data(), f.class == Class::Data);
+            assert_eq!(node.is_generated(), f.class != Class::Data);
+            // Data files are read at offsets, the others generated whole.
+            assert_eq!(f.class == Class::Data, matches!(f.body, Body::Data(_)));
+            assert_eq!(node.data_file().is_some(), f.class == Class::Data);
+        }
     }
 }
