@@ -46,11 +46,14 @@ pub struct DataFns {
     pub seek: fn(&Engine, usize, u64, u64, bool) -> Result<Option<u64>>,
 }
 
+/// Generates a file's whole text for checkpoint `ci`.
+pub type ContentFn = fn(&Engine, usize) -> Result<Arc<[u8]>>;
+
 /// The body of a per-checkpoint file.
 pub enum Body {
     Data(DataFns),
     /// Generated text (Derived or Text class).
-    Content(fn(&Engine, usize) -> Result<Arc<[u8]>>),
+    Content(ContentFn),
 }
 
 /// One kind of file in every checkpoint directory.
@@ -172,6 +175,15 @@ impl Node {
         }
     }
 
+    /// The table entry and generator of a per-checkpoint generated file.
+    pub fn content_file(&self) -> Option<(usize, &'static CkptFile, ContentFn)> {
+        let (ci, f) = self.ckpt_file()?;
+        match f.body {
+            Body::Content(make) => Some((ci, f, make)),
+            Body::Data(_) => None,
+        }
+    }
+
     /// The file kind name used in stats.json.
     pub fn stat(&self) -> &'static str {
         match self {
@@ -286,6 +298,7 @@ mod tests {
             // Data files are read at offsets, the others generated whole.
             assert_eq!(f.class == Class::Data, matches!(f.body, Body::Data(_)));
             assert_eq!(node.data_file().is_some(), f.class == Class::Data);
+            assert_eq!(node.content_file().is_some(), f.class != Class::Data);
         }
     }
 }

@@ -1,7 +1,7 @@
 //! The filesystem core: plain Rust arguments in, `Result`s out, so tests can drive it without
 //! a mount. `handlers.rs` adapts it to fuser.
 
-use super::node::{content_slots, seek_disk, stat_kinds, Body, Class, Node};
+use super::node::{content_slots, seek_disk, stat_kinds, Class, Node};
 use super::tree::{Tree, ROOT};
 use crate::chain::usage::stored_blocks;
 use crate::chain::watch::Watcher;
@@ -168,18 +168,15 @@ impl FsCore {
                 Node::CurrentInfo => {
                     render::to_text(&render::current_json(&st.engine, &self.info.options))
                 }
-                _ => match node.ckpt_file() {
-                    Some((ci, f)) => match f.body {
-                        Body::Content(make) => {
-                            if f.trusted_only {
-                                self.ckpt_ok(st, ci)?;
-                            }
-                            return make(&st.engine, ci);
-                        }
-                        Body::Data(_) => return Err(Error::invalid("not a generated file")),
-                    },
-                    None => return Err(Error::invalid("not a generated file")),
-                },
+                _ => {
+                    let (ci, f, make) = node
+                        .content_file()
+                        .ok_or_else(|| Error::invalid("not a generated file"))?;
+                    if f.trusted_only {
+                        self.ckpt_ok(st, ci)?;
+                    }
+                    return make(&st.engine, ci);
+                }
             };
             Ok(Arc::from(text.into_bytes()))
         };
@@ -287,8 +284,8 @@ impl FsCore {
             self.check_fresh(st)?;
         }
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        match node.ckpt_file() {
-            Some((ci, f)) if f.trusted_only && f.class == Class::Data => self.ckpt_ok(st, ci)?,
+        match node.data_file() {
+            Some((ci, f, _)) if f.trusted_only => self.ckpt_ok(st, ci)?,
             _ if node.is_generated() => {
                 let c = self.content(st, node)?;
                 self.handles.lock().insert(fh, c);
