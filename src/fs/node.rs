@@ -39,7 +39,8 @@ pub enum Class {
 /// How a data file is read.
 pub struct DataFns {
     pub size: fn(&Engine, usize) -> u64,
-    /// 512-byte blocks holding data, given the size.
+    /// 512-byte blocks holding data, given the size (asked even while the checkpoint cannot
+    /// be trusted).
     pub blocks: fn(&Engine, usize, u64) -> u64,
     pub read: fn(&Engine, usize, u64, &mut [u8]) -> Result<()>,
     /// lseek: the first offset in `[off, size)` that is data (`true`) or a hole; None: none.
@@ -251,8 +252,15 @@ pub fn seek_disk(disk: &Disk, off: u64, size: u64, data: bool) -> Result<Option<
 }
 
 /// Changed bytes inside changed.img: whole blocks, except a partial last block counts only
-/// up to the end of the disk.
+/// up to the end of the disk; none while the checkpoint cannot be trusted.
 fn changed_file_bytes(e: &Engine, ci: usize, size: u64) -> u64 {
+    if e.model
+        .checkpoints
+        .get(ci)
+        .is_none_or(|c| c.invalid.is_some())
+    {
+        return 0;
+    }
     let g = e.granularity(ci);
     let mut bytes = e.changed_bytes(ci).unwrap_or(0);
     if size % g != 0 && e.block_changed(ci, size / g).unwrap_or(false) {

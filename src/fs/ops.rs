@@ -209,13 +209,8 @@ impl FsCore {
             a.size = self.getattr_size(st, node).unwrap_or(0);
             a.blocks = a.size.div_ceil(512);
         }
-        if let Some((ci, f, d)) = node.data_file() {
-            let ok = !f.trusted_only || self.ckpt_ok(st, ci).is_ok();
-            a.blocks = if ok {
-                (d.blocks)(&st.engine, ci, a.size)
-            } else {
-                0
-            };
+        if let Some((ci, _, d)) = node.data_file() {
+            a.blocks = (d.blocks)(&st.engine, ci, a.size);
         }
         match node {
             Node::Root | Node::CurrentDir | Node::CkptDir(_) => {
