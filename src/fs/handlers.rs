@@ -1,6 +1,7 @@
 //! The fuser adapter: unpack fuser's types, call `FsCore`, reply. Errors become errnos here
-//! (through `Error::errno`) and are logged once per request.
+//! (through `ToErrno`, fs/errno.rs) and are logged once per request.
 
+use super::errno::ToErrno;
 use super::ops::{Attr, Change, FsCore};
 use fuser::{
     BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
@@ -21,7 +22,7 @@ pub struct FuseFs {
 }
 
 fn errno(op: &str, e: &crate::Error) -> Errno {
-    let n = e.errno();
+    let n = e.to_errno();
     if n == libc::EIO {
         log::warn!("{op}: {e}");
     } else {
