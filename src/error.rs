@@ -1,5 +1,6 @@
-//! The crate's error type: a small kind that decides the errno and the exit status, a message
-//! that names the file and the problem, and the underlying `io::Error` when there is one.
+//! The crate's error type: a small kind for decisions (the errno is picked from it once, at the
+//! fs boundary: `fs::errno`), a message that names the file and the problem, and the
+//! underlying `io::Error` when the host reported one.
 
 use std::fmt;
 use std::io;
@@ -25,6 +26,16 @@ pub enum ErrorKind {
     Refused,
     /// A generated file that would outgrow its memory budget.
     TooLarge,
+    /// A name that is already taken (mkdir of an existing checkpoint or file).
+    Exists,
+    /// A file that cannot be opened or written this way (any file but current/disk.img on rw).
+    NoAccess,
+    /// No room for a new cluster (a block device cannot grow; the refcount table is full).
+    NoSpace,
+    /// A seek at or past the end, or past the last data.
+    PastEnd,
+    /// A layer changed underneath the mount: its data can no longer be served.
+    Stale,
     /// The host reported an I/O error.
     Io,
 }
@@ -60,6 +71,10 @@ impl Error {
         Self::new(ErrorKind::Invalid, msg)
     }
 
+    pub fn no_space(msg: impl Into<String>) -> Self {
+        Self::new(ErrorKind::NoSpace, msg)
+    }
+
     /// An I/O error with a sentence saying what was being done.
     pub fn io(context: impl Into<String>, err: io::Error) -> Self {
         Error {
@@ -87,26 +102,6 @@ impl Error {
     pub fn context(mut self, name: impl fmt::Display) -> Self {
         self.msg = format!("{name}: {}", self.msg);
         self
-    }
-
-    /// The errno a FUSE reply should carry for this error.
-    pub fn errno(&self) -> i32 {
-        match self.kind {
-            ErrorKind::NotFound => libc::ENOENT,
-            ErrorKind::ReadOnly => libc::EROFS,
-            ErrorKind::Invalid => libc::EINVAL,
-            ErrorKind::InvalidCheckpoint => libc::EIO,
-            ErrorKind::Corrupt => libc::EIO,
-            ErrorKind::Unsupported => libc::EOPNOTSUPP,
-            ErrorKind::Busy => libc::EBUSY,
-            ErrorKind::Refused => libc::EPERM,
-            ErrorKind::TooLarge => libc::EFBIG,
-            ErrorKind::Io => self
-                .source
-                .as_ref()
-                .and_then(io::Error::raw_os_error)
-                .unwrap_or(libc::EIO),
-        }
     }
 }
 

@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""The QEMU way of extracting changed blocks (anchor for examples/bench.rs).
+"""The QEMU way of extracting changed blocks (anchor for benches/bench).
 
     qemu_incremental.py SOCKET BITMAP OUTPUT
 

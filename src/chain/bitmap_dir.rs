@@ -2,6 +2,7 @@
 //! image. The directory is rewritten into new clusters, flushed, then switched in by one header
 //! write (so a crash leaves the old or the new directory), and the old clusters are freed.
 
+use super::plan::{DirEdit, Fate};
 use super::write::Writer;
 use crate::error::{Error, ErrorKind, Result};
 use crate::qcow2::bitmaps::{self, BitmapEntry, TableEntry, FLAG_AUTO, FLAG_IN_USE};
@@ -262,5 +263,31 @@ impl Writer {
     /// Refuse an operation with a reason (for the FUSE layer's EPERM).
     pub fn refuse(msg: String) -> Error {
         refused(msg)
+    }
+}
+
+impl Writer {
+    /// Carry out a checkpoint edit decided by `checkpoint::edit`: one directory update.
+    pub fn apply(&mut self, edit: &DirEdit) -> Result<()> {
+        match edit {
+            DirEdit::Add {
+                name,
+                granularity_bits,
+                disable,
+            } => self.add_bitmap(name, *granularity_bits, *disable),
+            DirEdit::Remove {
+                bitmap,
+                fate,
+                renames,
+            } => match fate {
+                Fate::Drop => self.remove_bitmap(*bitmap, None, false, renames, None),
+                Fate::MergeInto { into, enable } => {
+                    self.remove_bitmap(*bitmap, Some(*into), *enable, renames, None)
+                }
+                Fate::Rename(name) => {
+                    self.remove_bitmap(*bitmap, None, false, renames, Some(name.clone()))
+                }
+            },
+        }
     }
 }

@@ -5,7 +5,10 @@ pub mod access;
 pub mod bitmap_dir;
 pub mod lock;
 pub mod open;
+pub mod plan;
 pub mod read;
+pub mod usage;
+pub mod watch;
 pub mod write;
 
 pub use open::{Chain, Layer, LayerKind};

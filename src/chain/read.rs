@@ -4,6 +4,7 @@
 use super::open::Chain;
 use crate::error::Result;
 use crate::qcow2::{Mapping, Table};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// A disk as seen from one layer downward: the current disk (start 0, active table), a layer
@@ -13,6 +14,8 @@ pub struct Disk {
     pub chain: Arc<Chain>,
     pub start: usize,
     pub table: Table,
+    /// Lookups (`resolve` calls) made through this disk and its clones, for stats.json.
+    lookups: Arc<AtomicU64>,
 }
 
 /// What a guest range resolves to through the chain.
@@ -36,7 +39,13 @@ impl Disk {
             chain,
             start,
             table,
+            lookups: Arc::default(),
         }
+    }
+
+    /// How many times a range was resolved through the chain on this disk.
+    pub fn lookups(&self) -> u64 {
+        self.lookups.load(Ordering::Relaxed)
     }
 
     pub fn size(&self) -> u64 {
@@ -45,6 +54,7 @@ impl Disk {
 
     /// Resolve `off` through the chain for up to `len` bytes; returns the answer and its length.
     pub fn resolve(&self, off: u64, len: u64) -> Result<(Resolved, u64)> {
+        self.lookups.fetch_add(1, Ordering::Relaxed);
         let mut len = len;
         for (level, layer) in self.chain.layers.iter().enumerate().skip(self.start) {
             let table = if level == self.start {

@@ -42,6 +42,16 @@ pub fn chain_json(chain: &Chain) -> Value {
     Value::Array(layers)
 }
 
+/// current/info.json: the top image, the disk size, the chain and the mount's options.
+pub fn current_json(e: &Engine, mount_options: &Value) -> Value {
+    json!({
+        "image": e.model.chain.top().path.display().to_string(),
+        "virtual_size": e.model.disk_size(),
+        "chain": chain_json(&e.model.chain),
+        "mount_options": mount_options,
+    })
+}
+
 /// One checkpoint as JSON; `detail` adds parent, sources and creation time (info.json).
 pub fn checkpoint_json(e: &Engine, ci: usize, detail: bool) -> Value {
     let m = &e.model;

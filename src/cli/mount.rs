@@ -7,7 +7,7 @@ use super::signals::{self, StopSignals};
 use super::{mountinfo, setup};
 use crate::chain::access;
 use crate::chain::lock::{self, LockMode};
-use crate::chain::write::Writer;
+use crate::checkpoint::Editor;
 use crate::error::{Error, ErrorKind, Result};
 use crate::fs::handlers::FuseFs;
 use crate::fs::ops::Invalidator;
@@ -99,7 +99,7 @@ fn prepare(image: &Path, mountpoint: &Path, o: &MountOptions) -> Result<Prepared
     };
     // Only after the locks: marking bitmaps in use writes to the image.
     let writer = if o.rw {
-        Some(Writer::open(engine.model.chain.clone())?)
+        Some(Editor::open(engine.model.chain.clone())?)
     } else {
         None
     };

@@ -1,6 +1,7 @@
 //! The fuser adapter: unpack fuser's types, call `FsCore`, reply. Errors become errnos here
-//! (through `Error::errno`) and are logged once per request.
+//! (through `ToErrno`, fs/errno.rs) and are logged once per request.
 
+use super::errno::ToErrno;
 use super::ops::{Attr, Change, FsCore};
 use fuser::{
     BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
@@ -21,7 +22,7 @@ pub struct FuseFs {
 }
 
 fn errno(op: &str, e: &crate::Error) -> Errno {
-    let n = e.errno();
+    let n = e.to_errno();
     if n == libc::EIO {
         log::warn!("{op}: {e}");
     } else {
@@ -67,6 +68,8 @@ impl Filesystem for FuseFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.set_max_readahead(1 << 20);
         let _ = config.set_max_write(1 << 20);
+        // The disks are direct_io (no readahead into their holes) and stay mmap-able.
+        let _ = config.add_capabilities(fuser::InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP);
         Ok(())
     }
 

@@ -1,17 +1,16 @@
 //! The filesystem core: plain Rust arguments in, `Result`s out, so tests can drive it without
 //! a mount. `handlers.rs` adapts it to fuser.
 
-use super::tree::{Node, Tree, ROOT};
-use crate::chain::bitmap_dir::ckpt_part;
-use crate::chain::write::Writer;
-use crate::chain::Disk;
+use super::node::{content_slots, seek_disk, stat_kinds, Class, Node};
+use super::tree::{Tree, ROOT};
+use crate::chain::usage::stored_blocks;
+use crate::chain::watch::Watcher;
 use crate::checkpoint::engine::{keep, Cached};
-use crate::checkpoint::{render, Engine};
-use crate::checkpoint::{Kind, Model};
+use crate::checkpoint::stats::{stats_json, FileCounters};
+use crate::checkpoint::{render, Editor, Engine, Model};
 use crate::error::{Error, ErrorKind, Result};
-use crate::qcow2::Table;
 use parking_lot::{Mutex, RwLock};
-use serde_json::{json, Value};
+use serde_json::Value;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -67,21 +66,6 @@ pub struct OpenMode {
     pub keep_cache: bool,
 }
 
-const KINDS: [&str; 6] = [
-    "dir",
-    "json",
-    "disk.img",
-    "changed.img",
-    "bitmap.bin",
-    "extents",
-];
-
-#[derive(Default)]
-struct KindCounters {
-    requests: AtomicU64,
-    bytes: AtomicU64,
-}
-
 /// The model-dependent part of the tree, swapped as a whole when checkpoints change.
 pub struct State {
     pub engine: Engine,
@@ -91,15 +75,14 @@ pub struct State {
 pub struct FsCore {
     state: RwLock<Arc<State>>,
     pub info: MountInfo,
-    counters: [KindCounters; 6],
+    counters: FileCounters,
     handles: Mutex<HashMap<u64, Arc<[u8]>>>,
     next_fh: AtomicU64,
     generated: Vec<Cached<Arc<[u8]>>>,
     /// The writer of the top image, on `-o rw` mounts; one at a time.
-    writer: Option<Mutex<Writer>>,
-    /// Set once a layer was found changed underneath the mount: data reads then fail.
-    stale: OnceLock<String>,
-    last_check_ms: AtomicU64,
+    writer: Option<Mutex<Editor>>,
+    /// Notices layers changed underneath the mount: data reads then fail.
+    watcher: Watcher,
     /// Drops the kernel's cached pages of the given inodes (set by the mount once its session
     /// exists), so that pages cached before a change was noticed are not served after it.
     invalidator: OnceLock<Invalidator>,
@@ -107,52 +90,24 @@ pub struct FsCore {
 
 pub type Invalidator = Arc<dyn Fn(&[u64]) + Send + Sync>;
 
-/// Is this a file whose bytes come from the image layers (not generated text)?
-fn is_data(node: Node) -> bool {
-    matches!(
-        node,
-        Node::CurrentDisk | Node::CkptDisk(_) | Node::CkptChanged(_) | Node::CkptBitmap(_)
-    )
-}
-
-/// Is this a generated text file (JSON, extents), whose content an open handle keeps?
-fn is_generated(node: Node) -> bool {
-    !node.is_dir() && !is_data(node)
-}
-
-/// Does the chain name its bitmaps `child^parent`?
-fn uses_carets(model: &Model) -> bool {
-    model
-        .chain
-        .layers
-        .iter()
-        .filter_map(|l| l.qcow2())
-        .any(|q| {
-            q.bitmaps()
-                .iter()
-                .any(|b| !b.removed && b.entry.name.contains('^'))
-        })
-}
-
 fn not_found() -> Error {
     Error::new(ErrorKind::NotFound, "no such file or directory")
 }
 
 impl FsCore {
     /// A core for a mount; `writer` makes current/disk.img writable (`-o rw`).
-    pub fn new(engine: Engine, info: MountInfo, writer: Option<Writer>) -> FsCore {
+    pub fn new(engine: Engine, info: MountInfo, writer: Option<Editor>) -> FsCore {
         let tree = Tree::build(&engine.model, None);
-        let n = engine.model.checkpoints.len() * 6 + 8;
+        let n = content_slots(engine.model.checkpoints.len());
         FsCore {
             state: RwLock::new(Arc::new(State { engine, tree })),
+            watcher: Watcher::new(info.watch_from),
             info,
             writer: writer.map(Mutex::new),
-            counters: Default::default(),
+            counters: FileCounters::new(&stat_kinds()),
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             generated: (0..n).map(|_| OnceLock::new()).collect(),
-            stale: OnceLock::new(),
-            last_check_ms: AtomicU64::new(0),
             invalidator: OnceLock::new(),
         }
     }
@@ -162,38 +117,10 @@ impl FsCore {
         let _ = self.invalidator.set(f);
     }
 
-    /// Refuse to serve data mixed from before and after another program changed a layer
-    /// (checked at most every 100 ms; fstat per layer).
+    /// Refuse to serve data mixed from before and after another program changed a layer.
     fn check_fresh(&self, st: &State) -> Result<()> {
-        let eio = |m: &str| Error::io(m.to_string(), std::io::Error::from_raw_os_error(libc::EIO));
-        if let Some(m) = self.stale.get() {
-            return Err(eio(m));
-        }
-        let now = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        let last = self.last_check_ms.load(Ordering::Relaxed);
-        if now.saturating_sub(last) < 100
-            || self
-                .last_check_ms
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_err()
-        {
-            return Ok(());
-        }
-        if let Some(m) = st
-            .engine
-            .model
-            .chain
-            .changed_underneath(self.info.watch_from)
-        {
-            log::error!("{m}");
-            if self.stale.set(m.clone()).is_ok() {
-                self.drop_cached_pages(st);
-            }
-            return Err(eio(&m));
-        }
-        Ok(())
+        self.watcher
+            .check(&st.engine.model.chain, || self.drop_cached_pages(st))
     }
 
     /// Once stale: make the kernel forget every cached page of the data files, so every later
@@ -207,7 +134,7 @@ impl FsCore {
             .tree
             .inodes()
             .into_iter()
-            .filter(|&i| st.tree.node(i).is_some_and(is_data))
+            .filter(|&i| st.tree.node(i).is_some_and(|n| n.is_data()))
             .collect();
         std::thread::spawn(move || f(&inos));
     }
@@ -222,21 +149,7 @@ impl FsCore {
     }
 
     fn count(&self, node: Node, bytes: usize) {
-        if let Some(i) = KINDS.iter().position(|k| *k == node.kind_name()) {
-            self.counters[i].requests.fetch_add(1, Ordering::Relaxed);
-            self.counters[i]
-                .bytes
-                .fetch_add(bytes as u64, Ordering::Relaxed);
-        }
-    }
-
-    /// The disk a disk.img node shows.
-    fn disk<'a>(&self, st: &'a State, node: Node) -> Option<&'a Disk> {
-        match node {
-            Node::CurrentDisk => Some(&st.engine.current),
-            Node::CkptDisk(ci) => st.engine.model.checkpoints[ci].disk.as_ref(),
-            _ => None,
-        }
+        self.counters.count(node.stat(), bytes);
     }
 
     fn ckpt_ok(&self, st: &State, ci: usize) -> Result<()> {
@@ -249,101 +162,33 @@ impl FsCore {
     /// Generated text (JSON files, extents), cached where it cannot change.
     fn content(&self, st: &State, node: Node) -> Result<Arc<[u8]>> {
         let make = || -> Result<Arc<[u8]>> {
-            let text: String = match node {
+            let text = match node {
                 Node::CheckpointsJson => render::to_text(&render::checkpoints_json(&st.engine)),
                 Node::StatsJson => render::to_text(&self.stats_json()),
-                Node::CurrentInfo => render::to_text(&self.current_info(st)),
-                Node::CkptInfo(ci) => {
-                    render::to_text(&render::checkpoint_json(&st.engine, ci, true))
+                Node::CurrentInfo => {
+                    render::to_text(&render::current_json(&st.engine, &self.info.options))
                 }
-                Node::CkptExtents(ci) => {
-                    // The engine's text itself, not a copy.
-                    self.ckpt_ok(st, ci)?;
-                    return Ok(Arc::<[u8]>::from(st.engine.extents(ci)?));
+                _ => {
+                    let (ci, f, make) = node
+                        .content_file()
+                        .ok_or_else(|| Error::invalid("not a generated file"))?;
+                    if f.trusted_only {
+                        self.ckpt_ok(st, ci)?;
+                    }
+                    return make(&st.engine, ci);
                 }
-                _ => return Err(Error::invalid("not a generated file")),
             };
             Ok(Arc::from(text.into_bytes()))
         };
-        let slot = match node {
-            // Content that a writer can change is never cached on rw mounts.
-            _ if self.writer.is_some() => return make(),
-            Node::StatsJson => return make(),
-            Node::CheckpointsJson => 0,
-            Node::CurrentInfo => 1,
-            Node::CkptInfo(ci) => 2 + ci * 2,
-            Node::CkptExtents(ci) => 3 + ci * 2,
-            _ => return make(),
-        };
-        keep(&self.generated[slot], make)
-    }
-
-    fn current_info(&self, st: &State) -> Value {
-        json!({
-            "image": st.engine.model.chain.top().path.display().to_string(),
-            "virtual_size": st.engine.model.disk_size(),
-            "chain": render::chain_json(&st.engine.model.chain),
-            "mount_options": self.info.options,
-        })
+        // Content that a writer can change is never cached on rw mounts.
+        match node.content_slot().and_then(|i| self.generated.get(i)) {
+            Some(slot) if self.writer.is_none() => keep(slot, make),
+            _ => make(),
+        }
     }
 
     pub fn stats_json(&self) -> Value {
-        let st = self.state();
-        let st = &*st;
-        let mut per_kind = serde_json::Map::new();
-        for (i, k) in KINDS.iter().enumerate() {
-            per_kind.insert(
-                k.to_string(),
-                json!({"requests": self.counters[i].requests.load(Ordering::Relaxed),
-                       "bytes": self.counters[i].bytes.load(Ordering::Relaxed)}),
-            );
-        }
-        let chain = &st.engine.model.chain;
-        let layers: Vec<Value> = chain
-            .layers
-            .iter()
-            .map(|l| {
-                json!({"file": l.path.display().to_string(),
-                       "bytes_read": l.bytes_read.load(Ordering::Relaxed),
-                       "clusters_decompressed": l.qcow2().map_or(0, |q| q.decompressed.load(Ordering::Relaxed))})
-            })
-            .collect();
-        let s = &st.engine.cache.stats;
-        json!({
-            "files": per_kind,
-            "layers": layers,
-            "clusters_decompressed": chain.layers.iter().filter_map(|l| l.qcow2()).map(|q| q.decompressed.load(Ordering::Relaxed)).sum::<u64>(),
-            "cache": {"hits": s.hits.load(Ordering::Relaxed), "misses": s.misses.load(Ordering::Relaxed),
-                      "evictions": s.evictions.load(Ordering::Relaxed)},
-            "merge_time_ms": s.merge_ns.load(Ordering::Relaxed) as f64 / 1e6,
-        })
-    }
-
-    fn disk_blocks(&self, st: &State, node: Node) -> u64 {
-        let chain = &st.engine.model.chain;
-        let (from, size) = match node {
-            Node::CurrentDisk => (0, st.engine.current.size()),
-            Node::CkptDisk(ci) => match &st.engine.model.checkpoints[ci].disk {
-                Some(d) if d.table != Table::Active => {
-                    return chain.layers[d.start]
-                        .qcow2()
-                        .map_or(0, |q| q.file_len())
-                        .min(d.size())
-                        / 512
-                }
-                Some(d) => (d.start, d.size()),
-                None => return 0,
-            },
-            _ => return 0,
-        };
-        let stored: u64 = chain.layers[from..]
-            .iter()
-            .map(|l| match &l.kind {
-                crate::chain::LayerKind::Qcow2(q) => q.file_len(),
-                crate::chain::LayerKind::Raw { size, .. } => *size,
-            })
-            .sum();
-        stored.min(size).div_ceil(512)
+        stats_json(&self.state().engine, &self.counters)
     }
 
     pub fn getattr(&self, ino: u64) -> Result<Attr> {
@@ -364,6 +209,9 @@ impl FsCore {
             a.size = self.getattr_size(st, node).unwrap_or(0);
             a.blocks = a.size.div_ceil(512);
         }
+        if let Some((ci, _, d)) = node.data_file() {
+            a.blocks = (d.blocks)(&st.engine, ci, a.size);
+        }
         match node {
             Node::Root | Node::CurrentDir | Node::CkptDir(_) => {
                 a.perm = dir_perm;
@@ -373,32 +221,15 @@ impl FsCore {
                 }
                 a.nlink = 2;
             }
-            Node::CurrentDisk | Node::CkptDisk(_) => {
-                a.blocks = self.disk_blocks(st, node);
-                if node == Node::CurrentDisk && self.writer.is_some() {
+            Node::CurrentDisk => {
+                a.blocks = stored_blocks(&st.engine.current);
+                if self.writer.is_some() {
                     a.perm |= (self.info.image_mode & 0o200) as u16;
                 }
-            }
-            Node::CkptChanged(ci) => {
-                a.blocks = match self.ckpt_ok(st, ci) {
-                    Ok(()) => self.changed_file_bytes(st, ci, a.size).div_ceil(512),
-                    Err(_) => 0,
-                };
             }
             _ => {}
         }
         Ok(a)
-    }
-
-    /// Changed bytes inside changed.img: whole blocks, except a partial last block counts
-    /// only up to the end of the disk.
-    fn changed_file_bytes(&self, st: &State, ci: usize, size: u64) -> u64 {
-        let g = st.engine.granularity(ci);
-        let mut bytes = st.engine.changed_bytes(ci).unwrap_or(0);
-        if size % g != 0 && st.engine.block_changed(ci, size / g).unwrap_or(false) {
-            bytes = bytes.saturating_sub(g - size % g);
-        }
-        bytes.min(size)
     }
 
     pub fn lookup(&self, parent: u64, name: &str) -> Result<Attr> {
@@ -436,21 +267,21 @@ impl FsCore {
             match (&self.writer, node) {
                 (Some(_), Node::CurrentDisk) => {}
                 (Some(_), _) => {
-                    return Err(Error::io(
+                    return Err(Error::new(
+                        ErrorKind::NoAccess,
                         "only current/disk.img is writable",
-                        std::io::Error::from_raw_os_error(libc::EACCES),
                     ))
                 }
                 (None, _) => return Err(Error::new(ErrorKind::ReadOnly, "read-only file system")),
             }
         }
-        if is_data(node) {
+        if node.is_data() {
             self.check_fresh(st)?;
         }
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        match node {
-            Node::CkptChanged(ci) | Node::CkptBitmap(ci) => self.ckpt_ok(st, ci)?,
-            n if is_generated(n) => {
+        match node.data_file() {
+            Some((ci, f, _)) if f.trusted_only => self.ckpt_ok(st, ci)?,
+            _ if node.is_generated() => {
                 let c = self.content(st, node)?;
                 self.handles.lock().insert(fh, c);
             }
@@ -463,7 +294,8 @@ impl FsCore {
             fh,
             // On rw mounts disk.img too: the kernel then forwards a write that crosses the end
             // whole, so it is refused whole instead of being cut at a page boundary.
-            direct_io: node == Node::StatsJson || rw,
+            // The disks too, on every mount (see `CkptFile::direct_io`).
+            direct_io: node == Node::StatsJson || rw || node.is_direct(),
             keep_cache: node != Node::StatsJson && !rw,
         })
     }
@@ -477,7 +309,8 @@ impl FsCore {
         let st = &*st;
         let node = self.node(st, ino)?;
         // Only generated files keep per-open content; disk reads never touch the handle map.
-        if let Some(c) = is_generated(node)
+        if let Some(c) = node
+            .is_generated()
             .then(|| self.handles.lock().get(&fh).cloned())
             .flatten()
         {
@@ -490,44 +323,41 @@ impl FsCore {
         if off >= len {
             return Ok(Vec::new());
         }
-        if !matches!(
-            node,
-            Node::StatsJson | Node::CheckpointsJson | Node::CurrentInfo | Node::CkptInfo(_)
-        ) {
+        // Everything read from the layers (not the JSON of the model) waits for freshness.
+        if node.class() != Some(Class::Text) {
             self.check_fresh(st)?;
         }
         let n = (len - off).min(u64::from(size)) as usize;
         let mut buf = vec![0u8; n];
-        match node {
-            Node::CurrentDisk | Node::CkptDisk(_) => self
-                .disk(st, node)
-                .ok_or_else(not_found)?
-                .read(off, &mut buf)?,
-            Node::CkptChanged(ci) => {
-                self.ckpt_ok(st, ci)?;
-                st.engine.read_changed(ci, off, &mut buf)?
-            }
-            Node::CkptBitmap(ci) => {
-                self.ckpt_ok(st, ci)?;
-                st.engine.read_bitmap(ci, off, &mut buf)?
+        match (node, node.data_file()) {
+            (Node::CurrentDisk, _) => st.engine.current.read(off, &mut buf)?,
+            (_, Some((ci, f, d))) => {
+                if f.trusted_only {
+                    self.ckpt_ok(st, ci)?;
+                }
+                (d.read)(&st.engine, ci, off, &mut buf)?
             }
             _ => {
                 let c = self.content(st, node)?;
-                buf.copy_from_slice(&c[off as usize..off as usize + n]);
+                let end = (off as usize + n).min(c.len());
+                let got = c.get(off as usize..end).unwrap_or_default();
+                buf.truncate(got.len());
+                buf.copy_from_slice(got);
             }
         }
-        self.count(node, n);
+        self.count(node, buf.len());
         Ok(buf)
     }
 
     /// The size of a file node (what getattr reports and reads stop at).
     fn getattr_size(&self, st: &State, node: Node) -> Result<u64> {
-        Ok(match node {
-            Node::CurrentDisk | Node::CkptDisk(_) => self.disk(st, node).map_or(0, Disk::size),
-            Node::CkptChanged(_) => st.engine.model.disk_size(),
-            Node::CkptBitmap(ci) => st.engine.bitmap_len(ci),
-            _ => self.content(st, node)?.len() as u64,
-        })
+        if node == Node::CurrentDisk {
+            return Ok(st.engine.current.size());
+        }
+        match node.data_file() {
+            Some((ci, _, d)) => Ok((d.size)(&st.engine, ci)),
+            None => Ok(self.content(st, node)?.len() as u64),
+        }
     }
 
     /// lseek(SEEK_DATA / SEEK_HOLE); other whence values are the kernel's business.
@@ -535,8 +365,9 @@ impl FsCore {
         let st = self.state();
         let st = &*st;
         let node = self.node(st, ino)?;
+        self.counters.seek(node.stat());
         let size = self.getattr_size(st, node)?;
-        let enxio = || Error::io("seek", std::io::Error::from_raw_os_error(libc::ENXIO));
+        let enxio = || Error::new(ErrorKind::PastEnd, "seek past the end or the last data");
         if whence != SEEK_DATA && whence != SEEK_HOLE {
             return Err(Error::invalid("unsupported whence"));
         }
@@ -544,44 +375,32 @@ impl FsCore {
             return Err(enxio());
         }
         let want_data = whence == SEEK_DATA;
-        match node {
-            Node::CkptChanged(ci) => {
-                self.ckpt_ok(st, ci)?;
-                let g = st.engine.granularity(ci);
-                match st.engine.next_block(ci, off / g, want_data)? {
-                    Some(b) => Ok((b * g).max(off).min(size)),
-                    None if want_data => Err(enxio()),
-                    None => Ok(size),
+        let found = match (node, node.data_file()) {
+            (Node::CurrentDisk, _) => seek_disk(&st.engine.current, off, size, want_data)?,
+            (_, Some((ci, f, d))) => {
+                if f.trusted_only {
+                    self.ckpt_ok(st, ci)?;
                 }
+                (d.seek)(&st.engine, ci, off, size, want_data)?
             }
-            Node::CurrentDisk | Node::CkptDisk(_) => {
-                let disk = self.disk(st, node).ok_or_else(not_found)?;
-                let mut at = off;
-                while at < size {
-                    let (r, n) = disk.resolve(at, size - at)?;
-                    if r.known_zero() != want_data {
-                        return Ok(at);
-                    }
-                    at += n.max(1);
-                }
-                if want_data {
-                    Err(enxio())
-                } else {
-                    Ok(size)
-                }
-            }
-            _ => Ok(if want_data { off } else { size }),
+            // Generated text is data throughout.
+            _ => Some(if want_data { off } else { size }),
+        };
+        match found {
+            Some(at) => Ok(at),
+            None if want_data => Err(enxio()),
+            None => Ok(size),
         }
     }
 
-    fn writer(&self, ino: u64) -> Result<&Mutex<Writer>> {
+    fn writer(&self, ino: u64) -> Result<&Mutex<Editor>> {
         let st = self.state();
         let st = &*st;
         match (&self.writer, self.node(st, ino)?) {
             (Some(w), Node::CurrentDisk) => Ok(w),
-            (Some(_), _) => Err(Error::io(
+            (Some(_), _) => Err(Error::new(
+                ErrorKind::NoAccess,
                 "only current/disk.img is writable",
-                std::io::Error::from_raw_os_error(libc::EACCES),
             )),
             (None, _) => Err(Error::new(ErrorKind::ReadOnly, "read-only file system")),
         }
@@ -704,13 +523,13 @@ impl FsCore {
         *guard = Arc::new(State { engine, tree });
     }
 
-    fn rw_writer(&self) -> Result<&Mutex<Writer>> {
+    fn rw_writer(&self) -> Result<&Mutex<Editor>> {
         self.writer
             .as_ref()
             .ok_or_else(|| Error::new(ErrorKind::ReadOnly, "read-only file system"))
     }
 
-    /// `mkdir MOUNT/NAME`: a new checkpoint (an enabled bitmap NAME in the top image).
+    /// `mkdir MOUNT/NAME`: a new checkpoint (policy: `checkpoint::edit::plan_mkdir`).
     pub fn mkdir(&self, parent: u64, name: &str) -> Result<Attr> {
         let w = self.rw_writer()?;
         if parent != ROOT {
@@ -719,144 +538,21 @@ impl FsCore {
                 "checkpoints are made at the top of the tree",
             ));
         }
-        if name.contains('^') {
-            // '^' separates child and parent in delta-scheme bitmap names.
-            return Err(Error::invalid(format!(
-                "checkpoint name '{name}': '^' is reserved"
-            )));
-        }
         let st = self.state();
-        if st.tree.lookup(ROOT, name).is_some() {
-            return Err(Error::io(
-                format!("'{name}' exists"),
-                std::io::Error::from_raw_os_error(libc::EEXIST),
-            ));
-        }
-        let model = &st.engine.model;
-        let top = model
-            .chain
-            .top()
-            .qcow2()
-            .ok_or_else(|| Error::unsupported("top is not qcow2"))?;
-        let caret = uses_carets(model);
-        let live: Vec<(usize, Arc<crate::qcow2::Bitmap>)> = top
-            .bitmaps()
-            .into_iter()
-            .enumerate()
-            .filter(|(_, b)| !b.removed && b.distrust.is_none())
-            .collect();
-        let enabled: Vec<usize> = live
-            .iter()
-            .filter(|(_, b)| b.entry.auto())
-            .map(|(i, _)| *i)
-            .collect();
-        let delta = caret || (enabled.len() == 1 && live.len() > 1);
-        let newest = model
-            .checkpoints
-            .iter()
-            .rev()
-            .find(|c| c.kind == Kind::Bitmap && c.layer.is_some());
-        let gran = newest
-            .map(|c| c.granularity)
-            .unwrap_or_else(|| top.geo.cluster_size().max(65536));
-        let bname = match (caret, newest) {
-            (true, Some(p)) => format!("{name}^{}", p.name),
-            _ => name.to_string(),
-        };
-        let disable = if delta {
-            enabled.first().copied()
-        } else {
-            None
-        };
-        w.lock()
-            .add_bitmap(&bname, gran.trailing_zeros() as u8, disable)?;
-        log::info!("checkpoint '{name}' created (bitmap '{bname}')");
+        let taken = st.tree.lookup(ROOT, name).is_some();
+        w.lock().mkdir(&st.engine.model, name, taken)?;
         self.rebuild();
         self.lookup(ROOT, name)
     }
 
-    /// `rmdir MOUNT/NAME`: delete a bitmap checkpoint that lives only in the top image.
+    /// `rmdir MOUNT/NAME`: delete a checkpoint (policy: `checkpoint::edit::plan_rmdir`).
     pub fn rmdir(&self, parent: u64, name: &str) -> Result<()> {
         let w = self.rw_writer()?;
+        if parent != ROOT {
+            return Err(not_found());
+        }
         let st = self.state();
-        let model = &st.engine.model;
-        let ci = model
-            .checkpoints
-            .iter()
-            .position(|c| c.dir_name == name && parent == ROOT)
-            .ok_or_else(not_found)?;
-        let c = &model.checkpoints[ci];
-        if c.kind != Kind::Bitmap || c.layer != Some(0) {
-            let why = format!(
-                "rmdir {name}: refused: only bitmap checkpoints that live only in the top image can be deleted                  (this one is a {} checkpoint{})",
-                c.kind.as_str(),
-                if c.kind == Kind::Bitmap { " carried by a backing layer" } else { "" }
-            );
-            log::warn!("{why}");
-            return Err(Error::new(ErrorKind::Refused, why));
-        }
-        let top = model
-            .chain
-            .top()
-            .qcow2()
-            .ok_or_else(|| Error::unsupported("top is not qcow2"))?;
-        let bms = top.bitmaps();
-        let find_top = |ck: &str| {
-            bms.iter()
-                .position(|b| !b.removed && ckpt_part(&b.entry.name) == ck)
-        };
-        let bi = find_top(&c.name).ok_or_else(not_found)?;
-        let caret = uses_carets(model);
-        let live: Vec<usize> = (0..bms.len())
-            .filter(|&i| !bms[i].removed && bms[i].distrust.is_none())
-            .collect();
-        let enabled = live.iter().filter(|&&i| bms[i].entry.auto()).count();
-        let delta = caret || !bms[bi].entry.auto() || (enabled == 1 && live.len() > 1);
-        let bitmap_ckpts: Vec<&crate::checkpoint::Checkpoint> = model
-            .checkpoints
-            .iter()
-            .filter(|x| x.kind == Kind::Bitmap && x.layer.is_some())
-            .collect();
-        let pos = bitmap_ckpts
-            .iter()
-            .position(|x| x.name == c.name)
-            .expect("listed");
-        let prev = pos.checked_sub(1).map(|p| bitmap_ckpts[p]);
-        let next = bitmap_ckpts.get(pos + 1).copied();
-        let mut renames = Vec::new();
-        if caret {
-            if let Some(n) = next.and_then(|n| find_top(&n.name)) {
-                let child = ckpt_part(&bms[n].entry.name).to_string();
-                renames.push((
-                    n,
-                    prev.map_or(child.clone(), |p| format!("{child}^{}", p.name)),
-                ));
-            }
-        }
-        let mut wl = w.lock();
-        match prev.filter(|_| delta) {
-            None => wl.remove_bitmap(bi, None, false, &renames, None)?,
-            Some(p) => match find_top(&p.name) {
-                Some(pbi) => {
-                    wl.remove_bitmap(bi, Some(pbi), bms[bi].entry.auto(), &renames, None)?
-                }
-                None => {
-                    // The parent's bitmap lives below: this bitmap becomes the parent's in the
-                    // top image (its bits are exactly what the parent gains here).
-                    let pname = model
-                        .chain
-                        .layers
-                        .iter()
-                        .filter_map(|l| l.qcow2())
-                        .flat_map(|q| q.bitmaps())
-                        .find(|b| !b.removed && ckpt_part(&b.entry.name) == p.name)
-                        .map_or(p.name.clone(), |b| b.entry.name.clone());
-                    wl.remove_bitmap(bi, None, false, &renames, Some(pname))?
-                }
-            },
-        }
-        drop(wl);
-        log::info!("checkpoint '{name}' deleted");
+        w.lock().rmdir(&st.engine.model, name)?;
         self.rebuild();
         Ok(())
     }

@@ -1,45 +1,9 @@
 //! The inode table of the mounted tree, built from the checkpoint model. Rebuilt when a
 //! checkpoint is added or deleted (`-o rw`), keeping the inode of every path that survives.
 
+use super::node::{Node, CKPT_FILES};
 use crate::checkpoint::Model;
 use std::collections::HashMap;
-
-/// What an inode is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Node {
-    Root,
-    CheckpointsJson,
-    StatsJson,
-    CurrentDir,
-    CurrentDisk,
-    CurrentInfo,
-    CkptDir(usize),
-    CkptDisk(usize),
-    CkptChanged(usize),
-    CkptBitmap(usize),
-    CkptExtents(usize),
-    CkptInfo(usize),
-}
-
-impl Node {
-    pub fn is_dir(&self) -> bool {
-        matches!(self, Node::Root | Node::CurrentDir | Node::CkptDir(_))
-    }
-
-    /// The file kind name used in stats.json.
-    pub fn kind_name(&self) -> &'static str {
-        match self {
-            Node::Root | Node::CurrentDir | Node::CkptDir(_) => "dir",
-            Node::CheckpointsJson | Node::StatsJson | Node::CurrentInfo | Node::CkptInfo(_) => {
-                "json"
-            }
-            Node::CurrentDisk | Node::CkptDisk(_) => "disk.img",
-            Node::CkptChanged(_) => "changed.img",
-            Node::CkptBitmap(_) => "bitmap.bin",
-            Node::CkptExtents(_) => "extents",
-        }
-    }
-}
 
 pub const ROOT: u64 = 1;
 
@@ -88,43 +52,12 @@ impl Tree {
         for (ci, c) in model.checkpoints.iter().enumerate() {
             let dn = &c.dir_name;
             let d = t.add(prev, Node::CkptDir(ci), root, dn, dn);
-            if c.disk.is_some() {
-                t.add(
-                    prev,
-                    Node::CkptDisk(ci),
-                    d,
-                    "disk.img",
-                    &format!("{dn}/disk.img"),
-                );
+            for (file, f) in CKPT_FILES.iter().enumerate() {
+                if (f.present)(c) {
+                    let path = format!("{dn}/{}", f.name);
+                    t.add(prev, Node::Ckpt { ci, file }, d, f.name, &path);
+                }
             }
-            t.add(
-                prev,
-                Node::CkptChanged(ci),
-                d,
-                "changed.img",
-                &format!("{dn}/changed.img"),
-            );
-            t.add(
-                prev,
-                Node::CkptBitmap(ci),
-                d,
-                "bitmap.bin",
-                &format!("{dn}/bitmap.bin"),
-            );
-            t.add(
-                prev,
-                Node::CkptExtents(ci),
-                d,
-                "extents",
-                &format!("{dn}/extents"),
-            );
-            t.add(
-                prev,
-                Node::CkptInfo(ci),
-                d,
-                "info.json",
-                &format!("{dn}/info.json"),
-            );
         }
         t
     }

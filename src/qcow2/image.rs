@@ -701,13 +701,10 @@ impl Qcow2Image {
                 if (got == 0 && !buf.is_empty()) || short_of_known_end {
                     // Nothing at all where an allocated cluster's bytes must be: the file was
                     // truncated (underneath us, or by a broken tool). Never serve that as zeros.
-                    return Err(Error::io(
-                        format!(
-                            "{}: data at {host} lies past the end of the file (truncated?)",
-                            self.path.display()
-                        ),
-                        std::io::Error::from_raw_os_error(libc::EIO),
-                    ));
+                    return Err(Error::corrupt(format!(
+                        "{}: data at {host} lies past the end of the file (truncated?)",
+                        self.path.display()
+                    )));
                 }
                 buf[got..].fill(0);
                 Ok(())

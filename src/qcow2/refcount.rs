@@ -62,12 +62,9 @@ impl Refcounts {
     /// Clusters `[c0, c1)` can be used: on a block device they lie inside it.
     fn room(&self, c0: u64, c1: u64) -> Result<()> {
         match self.device {
-            Some(size) if c1 > size >> self.cluster_bits => Err(Error::io(
-                format!(
-                    "no room for clusters {c0}..{c1} on the block device ({size} bytes; it cannot grow)"
-                ),
-                std::io::Error::from_raw_os_error(libc::ENOSPC),
-            )),
+            Some(size) if c1 > size >> self.cluster_bits => Err(Error::no_space(format!(
+                "no room for clusters {c0}..{c1} on the block device ({size} bytes; it cannot grow)"
+            ))),
             _ => Ok(()),
         }
     }
@@ -313,10 +310,7 @@ impl Refcounts {
         let old_entries = self.table.len() as u64;
         let new_clusters = (self.table_clusters * 2).max(1);
         if new_clusters * cs > 8 << 20 || new_clusters + 1 > per {
-            return Err(Error::io(
-                "refcount table is at QEMU's maximum size",
-                std::io::Error::from_raw_os_error(libc::ENOSPC),
-            ));
+            return Err(Error::no_space("refcount table is at QEMU's maximum size"));
         }
         let base = old_entries * per; // first cluster of the first undescribed range
         self.room(base, base + 1 + new_clusters)?;

@@ -1,4 +1,6 @@
 //! Integration tests: one binary, one module per area.
+// Test helpers fail loudly on unexpected host errors: unwrap is the idiom here.
+#![allow(clippy::unwrap_used)]
 mod backup;
 mod blockdev;
 mod checkpoints_rw;
@@ -16,4 +18,5 @@ mod reader;
 mod refusals;
 mod reliability;
 mod rw;
+mod shape;
 mod signals;
