@@ -5,18 +5,10 @@
 use super::plan::{DirEdit, Fate};
 use super::write::Writer;
 use crate::error::{Error, ErrorKind, Result};
-use crate::qcow2::bitmaps::{BitmapEntry, TableEntry, FLAG_AUTO, FLAG_IN_USE};
-use crate::qcow2::bytes::{u32_at, u64_at};
-use crate::qcow2::header::{extensions, extensions_end, AUTOCLEAR_BITMAPS};
+use crate::qcow2::bitmaps::{self, BitmapEntry, TableEntry, FLAG_AUTO, FLAG_IN_USE};
+use crate::qcow2::header::{store_bitmaps_ext, BitmapsExt};
 use crate::qcow2::image::Bitmap;
-use crate::qcow2::BitmapCluster;
-use std::os::unix::fs::FileExt;
-
-const EXT_BITMAPS: u32 = 0x2385_2875;
-
-fn wio(what: &str, e: std::io::Error) -> Error {
-    Error::io(what.to_string(), e)
-}
+use crate::qcow2::{BitmapCluster, HostOffset};
 
 fn refused(msg: String) -> Error {
     Error::new(ErrorKind::Refused, msg)
@@ -25,27 +17,6 @@ fn refused(msg: String) -> Error {
 /// The bitmap's checkpoint name: `child^parent` -> `child`.
 pub fn ckpt_part(name: &str) -> &str {
     name.split_once('^').map_or(name, |(c, _)| c)
-}
-
-/// Serialize directory entries; returns the bytes and each entry's position.
-fn serialize(entries: &[BitmapEntry]) -> (Vec<u8>, Vec<usize>) {
-    let mut out = Vec::new();
-    let mut pos = Vec::new();
-    for e in entries {
-        pos.push(out.len());
-        out.extend_from_slice(&e.bitmap_table_offset.to_be_bytes());
-        out.extend_from_slice(&e.bitmap_table_size.to_be_bytes());
-        out.extend_from_slice(&e.flags.to_be_bytes());
-        out.push(e.bitmap_type);
-        out.push(e.granularity_bits);
-        out.extend_from_slice(&(e.name.len() as u16).to_be_bytes());
-        out.extend_from_slice(&0u32.to_be_bytes());
-        out.extend_from_slice(e.name.as_bytes());
-        while out.len() % 8 != 0 {
-            out.push(0);
-        }
-    }
-    (out, pos)
 }
 
 impl Writer {
@@ -57,9 +28,9 @@ impl Writer {
                 name.len()
             )));
         }
-        let chain = self.chain.clone();
-        let q = chain.top().qcow2().expect("qcow2");
-        if q.bitmaps()
+        if self
+            .q
+            .bitmaps()
             .iter()
             .any(|b| !b.removed && (b.entry.name == name || ckpt_part(&b.entry.name) == name))
         {
@@ -73,104 +44,45 @@ impl Writer {
 
     /// Write `entries` as the new directory and switch the header to it.
     fn switch_directory(&mut self, entries: &[BitmapEntry]) -> Result<Vec<usize>> {
-        let chain = self.chain.clone();
-        let q = chain.top().qcow2().expect("qcow2");
+        let q = self.q.clone();
         let file = q.file();
         let cs = q.geo.cluster_size();
-        let (bytes, pos) = serialize(entries);
+        let (bytes, pos) = bitmaps::serialize_directory(entries);
         let (new_off, new_len) = if entries.is_empty() {
-            (0, 0)
+            (HostOffset(0), 0)
         } else {
             let n = (bytes.len() as u64).div_ceil(cs);
             let off = self.rc.alloc_run(file, n)?;
             q.note_file_end(off + n * cs);
             self.rc.protect(file, off, n * cs, "bitmap directory")?;
-            file.write_all_at(&bytes, off)
-                .map_err(|e| wio("write bitmap directory", e))?;
-            file.sync_data().map_err(|e| wio("flush", e))?;
+            q.write_at(off, &bytes, "bitmap directory")?;
+            q.flush()?;
             (off, bytes.len() as u64)
         };
-        self.write_bitmaps_extension(entries.len() as u32, new_len, new_off)?;
+        let ext = (!entries.is_empty()).then_some(BitmapsExt {
+            nb_bitmaps: entries.len() as u32,
+            bitmap_directory_size: new_len,
+            bitmap_directory_offset: new_off.0,
+        });
+        // One header write switches to the new directory (as QEMU's header update).
+        store_bitmaps_ext(file, &q.header, ext)?;
         self.bitmaps_ok = !entries.is_empty() || self.bitmaps_ok;
-        file.sync_data().map_err(|e| wio("flush", e))?;
+        q.flush()?;
         if let Some((old_off, old_len)) = self.dir.take() {
+            let first = old_off.cluster(q.geo.cluster_bits);
             for k in 0..old_len.div_ceil(cs) {
-                self.rc.decrement(file, (old_off / cs) + k)?;
+                self.rc.decrement(file, first + k)?;
             }
         }
         self.dir = (!entries.is_empty()).then_some((new_off, new_len));
         Ok(pos)
     }
 
-    /// Rewrite the header extensions of cluster 0 with this bitmaps extension (added if
-    /// missing, dropped if there are no bitmaps), in one write, as QEMU's header update does.
-    fn write_bitmaps_extension(&self, nb: u32, size: u64, offset: u64) -> Result<()> {
-        let chain = self.chain.clone();
-        let q = chain.top().qcow2().expect("qcow2");
-        let file = q.file();
-        let h = &q.header;
-        let cs = q.geo.cluster_size() as usize;
-        let mut c0 = vec![0u8; cs];
-        crate::qcow2::image::read_exact_or_zero(file, 0, &mut c0)
-            .map_err(|e| wio("read header", e))?;
-        let hl = h.header_length as usize;
-        // The header as it is now (an earlier rewrite may have moved the backing file name).
-        let name_off = u64_at(&c0, 8, "backing_file_offset")?;
-        let name_len = u64::from(u32_at(&c0, 16, "backing_file_size")?);
-        let (found, at) = extensions(&c0, h.header_length, extensions_end(name_off, cs as u64))?;
-        let mut exts: Vec<(u32, Vec<u8>)> = found
-            .into_iter()
-            .filter(|(ty, _)| *ty != EXT_BITMAPS)
-            .map(|(ty, d)| (ty, d.to_vec()))
-            .collect();
-        if nb > 0 {
-            let mut d = Vec::with_capacity(24);
-            d.extend_from_slice(&nb.to_be_bytes());
-            d.extend_from_slice(&0u32.to_be_bytes());
-            d.extend_from_slice(&size.to_be_bytes());
-            d.extend_from_slice(&offset.to_be_bytes());
-            exts.push((EXT_BITMAPS, d));
-        }
-        let backing = h.backing_file.clone().unwrap_or_default();
-        let mut out = c0[..hl].to_vec();
-        for (ty, d) in &exts {
-            out.extend_from_slice(&ty.to_be_bytes());
-            out.extend_from_slice(&(d.len() as u32).to_be_bytes());
-            out.extend_from_slice(d);
-            while out.len() % 8 != 0 {
-                out.push(0);
-            }
-        }
-        out.extend_from_slice(&[0u8; 8]);
-        let backing_off = out.len() as u64;
-        out.extend_from_slice(backing.as_bytes());
-        if out.len() > cs {
-            return Err(Error::unsupported(
-                "header extensions do not fit in the first cluster",
-            ));
-        }
-        if !backing.is_empty() {
-            out[8..16].copy_from_slice(&backing_off.to_be_bytes());
-        }
-        let autoclear = if nb > 0 { AUTOCLEAR_BITMAPS } else { 0 };
-        out[88..96].copy_from_slice(&autoclear.to_be_bytes());
-        // Clear what the old layout had past the new end, in the same write.
-        let old_name_end = match name_off {
-            0 => 0,
-            o => o.saturating_add(name_len).min(cs as u64) as usize,
-        };
-        let old_end = (at + 8).max(old_name_end);
-        out.resize(out.len().max(old_end.min(cs)), 0);
-        file.write_all_at(&out, 0)
-            .map_err(|e| wio("write header", e))
-    }
-
     /// The current trusted entries of the top image, with the flags they have on disk now
     /// (in_use while mounted). Returns (bitmap index, entry). (Entries QEMU refuses, such as
     /// extra data, made the mount refuse read-write.)
     fn live_entries(&self) -> Vec<(usize, BitmapEntry)> {
-        let chain = self.chain.clone();
-        let q = chain.top().qcow2().expect("qcow2");
+        let q = &self.q;
         let mut out = Vec::new();
         for (i, b) in q.bitmaps().iter().enumerate().filter(|(_, b)| !b.removed) {
             let mut e = b.entry.clone();
@@ -184,8 +96,7 @@ impl Writer {
 
     /// Publish new in-memory entries (flags without in_use) at their new positions.
     fn publish(&self, kept: &[(Option<usize>, BitmapEntry, Option<String>)], pos: &[usize]) {
-        let chain = self.chain.clone();
-        let q = chain.top().qcow2().expect("qcow2");
+        let q = &self.q;
         for ((idx, e, distrust), p) in kept.iter().zip(pos) {
             let mut e = e.clone();
             if distrust.is_none() {
@@ -205,8 +116,7 @@ impl Writer {
         disable: Option<usize>,
     ) -> Result<()> {
         self.check_new_name(name)?;
-        let chain = self.chain.clone();
-        let q = chain.top().qcow2().expect("qcow2");
+        let q = self.q.clone();
         if q.header.version < 3 {
             return Err(Error::unsupported("qcow2 v2 images cannot store bitmaps"));
         }
@@ -242,9 +152,8 @@ impl Writer {
             let off = self.rc.alloc_run(file, clusters)?;
             q.note_file_end(off + clusters * cs);
             self.rc.protect(file, off, clusters * cs, "bitmap table")?;
-            file.write_all_at(&vec![0u8; (clusters * cs) as usize], off)
-                .map_err(|e| wio("write bitmap table", e))?;
-            entry.bitmap_table_offset = off;
+            q.write_at(off, &vec![0u8; (clusters * cs) as usize], "bitmap table")?;
+            entry.bitmap_table_offset = off.0;
         }
         let mut kept: Vec<(Option<usize>, BitmapEntry, Option<String>)> = Vec::new();
         let bms = q.bitmaps();
@@ -280,8 +189,7 @@ impl Writer {
                 "the image's bitmaps are inconsistent (autoclear bit clear)",
             ));
         }
-        let chain = self.chain.clone();
-        let q = chain.top().qcow2().expect("qcow2");
+        let q = self.q.clone();
         let bms = q.bitmaps();
         let cs = q.geo.cluster_size();
         if let Some(t) = merge_into {
@@ -333,24 +241,21 @@ impl Writer {
     }
 
     fn free_bitmap_clusters(&mut self, e: &BitmapEntry) -> Result<()> {
-        let chain = self.chain.clone();
-        let q = chain.top().qcow2().expect("qcow2");
+        let q = self.q.clone();
         let file = q.file();
         let cs = q.geo.cluster_size();
+        let cb = q.geo.cluster_bits;
         if e.bitmap_table_size == 0 {
             return Ok(());
         }
-        let mut raw = vec![0u8; e.bitmap_table_size as usize * 8];
-        file.read_exact_at(&mut raw, e.bitmap_table_offset)
-            .map_err(|er| wio("read bitmap table", er))?;
-        for c in raw.chunks_exact(8) {
-            let v = u64::from_be_bytes(c.try_into().expect("8 bytes"));
-            if let Ok(TableEntry::Data(off)) = crate::qcow2::bitmaps::decode_table_entry(v, cs) {
-                self.rc.decrement(file, off / cs)?;
+        for v in bitmaps::load_table(file, e)? {
+            if let Ok(TableEntry::Data(off)) = bitmaps::decode_table_entry(v, cs) {
+                self.rc.decrement(file, off.cluster(cb))?;
             }
         }
-        for k in 0..(raw.len() as u64).div_ceil(cs) {
-            self.rc.decrement(file, e.bitmap_table_offset / cs + k)?;
+        let table = HostOffset(e.bitmap_table_offset).cluster(cb);
+        for k in 0..(u64::from(e.bitmap_table_size) * 8).div_ceil(cs) {
+            self.rc.decrement(file, table + k)?;
         }
         Ok(())
     }

@@ -5,7 +5,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::hostfile;
 use crate::qcow2::header::BackingName;
 use crate::qcow2::image::read_exact_or_zero;
-use crate::qcow2::{Mapping, Qcow2Image, Table};
+use crate::qcow2::{GuestOffset, HostOffset, Mapping, Qcow2Image, Table};
 use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -18,7 +18,7 @@ const MAX_DEPTH: usize = 1000;
 /// What a layer is stored as.
 #[derive(Debug)]
 pub enum LayerKind {
-    Qcow2(Box<Qcow2Image>),
+    Qcow2(Arc<Qcow2Image>),
     /// A raw file or block device: virtual size is its size (a device's as QEMU takes it)
     /// rounded up to 512 bytes.
     Raw {
@@ -90,7 +90,7 @@ impl Layer {
     /// This layer's own mapping of `off` (below its virtual size), for up to `len` bytes.
     pub fn map(&self, table: Table, off: u64, len: u64) -> Result<(Mapping, u64)> {
         match &self.kind {
-            LayerKind::Qcow2(q) => q.map(table, off, len),
+            LayerKind::Qcow2(q) => q.map(table, GuestOffset(off), len),
             LayerKind::Raw {
                 size,
                 len: file_len,
@@ -99,7 +99,7 @@ impl Layer {
                 if off >= *file_len {
                     Ok((Mapping::Zero, len.min(size.saturating_sub(off))))
                 } else {
-                    Ok((Mapping::Data(off), len.min(file_len - off)))
+                    Ok((Mapping::Data(HostOffset(off)), len.min(file_len - off)))
                 }
             }
         }
@@ -109,7 +109,7 @@ impl Layer {
         self.bytes_read
             .fetch_add(buf.len() as u64, std::sync::atomic::Ordering::Relaxed);
         match &self.kind {
-            LayerKind::Qcow2(q) => q.read_mapped(m, off, buf),
+            LayerKind::Qcow2(q) => q.read_mapped(m, GuestOffset(off), buf),
             LayerKind::Raw { file, .. } => read_exact_or_zero(file, off, buf)
                 .map_err(|e| Error::io(format!("{}: read at {off}", self.path.display()), e)),
         }
@@ -206,7 +206,7 @@ impl Chain {
                 let backing_format = q.header.backing_format.clone();
                 Layer {
                     path: path.clone(),
-                    kind: LayerKind::Qcow2(Box::new(q)),
+                    kind: LayerKind::Qcow2(Arc::new(q)),
                     backing_name,
                     backing_format,
                     bytes_read: Default::default(),
@@ -260,6 +260,14 @@ impl Chain {
 
     pub fn top(&self) -> &Arc<Layer> {
         &self.layers[0]
+    }
+
+    /// The top image, for a writer: an error if it is not qcow2 (raw tops are read-only).
+    pub fn top_qcow2(&self) -> Result<Arc<Qcow2Image>> {
+        match &self.top().kind {
+            LayerKind::Qcow2(q) => Ok(q.clone()),
+            LayerKind::Raw { .. } => Err(Error::unsupported("the top image is not qcow2")),
+        }
     }
 }
 

@@ -11,51 +11,41 @@
 use super::open::Chain;
 use super::read::Disk;
 use crate::error::{Error, ErrorKind, Result};
-use crate::qcow2::bitmaps::{decode_table_entry, TableEntry, FLAG_IN_USE};
-use crate::qcow2::header::{AUTOCLEAR_BITMAPS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
-use crate::qcow2::l2::{L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO};
+use crate::qcow2::bitmaps::{self, TableEntry, FLAG_IN_USE};
+use crate::qcow2::header::{store_autoclear, AUTOCLEAR_BITMAPS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
+use crate::qcow2::l2::{l1_entry, L2Entry, L2Table};
 use crate::qcow2::refcount::Refcounts;
 use crate::qcow2::{guard, refcheck};
-use crate::qcow2::{BitmapCluster, Qcow2Image, Table};
+use crate::qcow2::{BitmapCluster, HostCluster, HostOffset, Qcow2Image, Table};
 use std::collections::BTreeMap;
-use std::os::unix::fs::FileExt;
 use std::sync::Arc;
-
-const ALL_ALLOC: u64 = 0x0000_0000_ffff_ffff;
-const ALL_ZERO: u64 = 0xffff_ffff_0000_0000;
 
 pub struct Writer {
     pub(super) chain: Arc<Chain>,
+    /// The top image of `chain`, the one written (qcow2, checked at open).
+    pub(super) q: Arc<Qcow2Image>,
     pub(super) rc: Refcounts,
     /// Where the bitmap directory is now (offset, size); it moves when rewritten.
-    pub(super) dir: Option<(u64, u64)>,
+    pub(super) dir: Option<(HostOffset, u64)>,
     /// The bitmaps extension is consistent (autoclear bit set, or ckptfs created it).
     pub(super) bitmaps_ok: bool,
     /// Host clusters the write in progress allocated and no entry points at yet: released if
     /// it fails (ENOSPC on a device), so a failed write leaks nothing.
-    fresh: Vec<u64>,
+    fresh: Vec<HostOffset>,
     closed: bool,
-}
-
-fn wio(what: &str, e: std::io::Error) -> Error {
-    Error::io(what.to_string(), e)
 }
 
 /// What one guest cluster's L2 entry becomes.
 struct Update {
     gc: u64,
-    entry: u64,
-    bitmap: u64,
+    entry: L2Entry,
 }
 
 impl Writer {
     /// Prepare the top image for writing: refuse what cannot be written safely, mark the
     /// bitmaps in use (as QEMU does on a read-write open).
     pub fn open(chain: Arc<Chain>) -> Result<Writer> {
-        let q = chain
-            .top()
-            .qcow2()
-            .ok_or_else(|| Error::unsupported("the top image is not qcow2"))?;
+        let q = chain.top_qcow2()?;
         let name = q.path.display().to_string();
         let h = &q.header;
         let refuse = |m: &str| {
@@ -72,51 +62,50 @@ impl Writer {
         if h.nb_snapshots > 0 {
             return refuse("it has internal snapshots (shared clusters are not written by ckptfs)");
         }
-        let mut rc = Refcounts::load(q)?;
+        let mut rc = Refcounts::load(&q)?;
         let protected = rc
             .protect_blocks(q.file())
             .and_then(|()| {
-                guard::metadata(q)?
+                guard::metadata(&q)?
                     .into_iter()
                     .try_for_each(|(off, len, what)| rc.protect(q.file(), off, len, what))
             })
-            .and_then(|()| refcheck::check_references(q, &mut rc));
+            .and_then(|()| refcheck::check_references(&q, &mut rc));
         if let Err(e) = protected {
             return refuse(&e.msg);
         }
         let autoclear_ok = h.autoclear_features & AUTOCLEAR_BITMAPS != 0;
         let fix_autoclear = autoclear_ok && h.autoclear_features != AUTOCLEAR_BITMAPS;
+        let dir = h.bitmaps.map(|b| {
+            (
+                HostOffset(b.bitmap_directory_offset),
+                b.bitmap_directory_size,
+            )
+        });
         let mut w = Writer {
             chain: chain.clone(),
+            q: q.clone(),
             rc,
-            dir: h
-                .bitmaps
-                .map(|b| (b.bitmap_directory_offset, b.bitmap_directory_size)),
+            dir,
             bitmaps_ok: autoclear_ok,
             fresh: Vec::new(),
             closed: false,
         };
         if fix_autoclear {
             // A writer must clear the autoclear bits it does not know.
-            w.file()
-                .write_all_at(&AUTOCLEAR_BITMAPS.to_be_bytes(), 88)
-                .map_err(|e| wio("write header", e))?;
+            store_autoclear(w.file(), AUTOCLEAR_BITMAPS)?;
         }
         w.set_in_use(true)?;
         Ok(w)
     }
 
-    fn q(&self) -> &Qcow2Image {
-        self.chain.top().qcow2().expect("checked at open")
-    }
-
     fn file(&self) -> &std::fs::File {
-        self.q().file()
+        self.q.file()
     }
 
     /// Set or clear in_use on every trusted bitmap of the top image, in the directory in place.
     fn set_in_use(&mut self, on: bool) -> Result<()> {
-        let q = self.q();
+        let q = &self.q;
         let Some((dir_off, _)) = self.dir else {
             return Ok(());
         };
@@ -133,16 +122,13 @@ impl Writer {
             } else {
                 b.entry.flags & !FLAG_IN_USE
             };
-            let at = dir_off + b.entry.dir_pos as u64 + 12;
-            q.file()
-                .write_all_at(&flags.to_be_bytes(), at)
-                .map_err(|e| wio("write bitmap directory", e))?;
+            bitmaps::store_flags(q.file(), dir_off, &b.entry, flags)?;
         }
-        q.file().sync_data().map_err(|e| wio("flush", e))
+        q.flush()
     }
 
     fn size(&self) -> u64 {
-        self.q().size()
+        self.q.size()
     }
 
     fn check_range(&self, off: u64, len: u64) -> Result<()> {
@@ -155,61 +141,52 @@ impl Writer {
         Ok(())
     }
 
-    /// Current (entry, bitmap) of guest cluster `gc`, and the L2 table offset (0 if none).
-    fn entry(&self, gc: u64) -> Result<(u64, u64, u64)> {
-        let q = self.q();
+    /// Current L2 entry of guest cluster `gc`.
+    fn entry(&self, gc: u64) -> Result<L2Entry> {
+        let q = &self.q;
         let per = q.geo.l2_entries();
-        let l2 = q.l2_offset(Table::Active, gc / per)?;
-        if l2 == 0 {
-            return Ok((0, 0, 0));
+        match q.l2_offset(Table::Active, gc / per)? {
+            Some(l2) => Ok(q.l2_table(l2)?.get(gc % per)),
+            None => Ok(L2Entry::default()),
         }
-        let t = q.l2_table(l2)?;
-        let words = if q.geo.extended { 2 } else { 1 };
-        let i = ((gc % per) * words) as usize;
-        let e = t.get(i).copied().unwrap_or(0);
-        let b = if words == 2 {
-            t.get(i + 1).copied().unwrap_or(0)
-        } else {
-            0
-        };
-        Ok((e, b, l2))
     }
 
     /// Refuse guest data at `[host, host+len)` (written there, or referenced from guest cluster
     /// `gc`) where the image keeps metadata: a corrupt or hostile image.
-    fn not_metadata(&self, gc: u64, host: u64, len: u64) -> Result<()> {
+    fn not_metadata(&self, gc: u64, host: HostOffset, len: u64) -> Result<()> {
         match self.rc.metadata_at(host, len) {
             Some(meta) => Err(Error::corrupt(format!(
-                "{}: guest cluster {gc} has its data at {host:#x}, where the image keeps its \
+                "{}: guest cluster {gc} has its data at {host}, where the image keeps its \
                  {meta}; refusing to write (qemu-img check -r all)",
-                self.q().path.display()
+                self.q.path.display()
             ))),
             None => Ok(()),
         }
     }
 
     /// Host clusters to release when guest cluster `gc`'s entry stops pointing at them.
-    fn freed_by(&self, gc: u64, entry: u64) -> Result<Vec<u64>> {
-        let q = self.q();
+    fn freed_by(&self, gc: u64, e: L2Entry) -> Result<Vec<HostCluster>> {
+        let q = &self.q;
         let cb = q.geo.cluster_bits;
-        if entry & OFLAG_COMPRESSED != 0 {
-            let (host, len) = q.geo.compressed_span(entry);
+        if e.is_compressed() {
+            let (host, len) = q.geo.compressed_span(e);
             self.not_metadata(gc, host, len)?;
             q.forget_cluster(host);
-            return Ok(((host >> cb)..=((host + len - 1) >> cb)).collect());
+            let (c0, c1) = host.clusters(len, cb);
+            return Ok((c0.0..c1.0).map(HostCluster).collect());
         }
-        let off = entry & L2E_OFFSET_MASK;
-        if off != 0 {
+        let off = e.offset();
+        if off.0 != 0 {
             self.not_metadata(gc, off, q.geo.cluster_size())?;
-            Ok(vec![off >> cb])
+            Ok(vec![off.cluster(cb)])
         } else {
             Ok(Vec::new())
         }
     }
 
     /// A new host cluster (refcount 1), released again if the write fails before it is used.
-    fn alloc(&mut self) -> Result<u64> {
-        let q = self.chain.top().qcow2().expect("qcow2");
+    fn alloc(&mut self) -> Result<HostOffset> {
+        let q = &self.q;
         let off = self.rc.alloc(q.file())?;
         q.note_file_end(off + q.geo.cluster_size());
         self.fresh.push(off);
@@ -220,10 +197,10 @@ impl Writer {
     fn settle(&mut self, r: Result<()>) -> Result<()> {
         let fresh = std::mem::take(&mut self.fresh);
         if r.is_err() {
-            let q = self.chain.top().qcow2().expect("qcow2");
+            let q = &self.q;
             for off in fresh {
-                if let Err(e) = self.rc.decrement(q.file(), off >> q.geo.cluster_bits) {
-                    log::error!("{}: releasing cluster {off:#x}: {e}", q.path.display());
+                if let Err(e) = self.rc.decrement(q.file(), off.cluster(q.geo.cluster_bits)) {
+                    log::error!("{}: releasing cluster {off}: {e}", q.path.display());
                 }
             }
         }
@@ -233,16 +210,16 @@ impl Writer {
     /// An unshared, allocated, non-compressed host cluster guest cluster `gc`'s entry owns, if
     /// any. The COPIED flag is checked against the refcount: an owned cluster counted free would
     /// be handed out again, and two guest clusters would share it.
-    fn owned_host(&mut self, gc: u64, entry: u64) -> Result<Option<u64>> {
-        let off = entry & L2E_OFFSET_MASK;
-        if entry & OFLAG_COMPRESSED != 0 || entry & OFLAG_COPIED == 0 || off == 0 {
+    fn owned_host(&mut self, gc: u64, e: L2Entry) -> Result<Option<HostOffset>> {
+        let off = e.offset();
+        if e.is_compressed() || !e.is_copied() || off.0 == 0 {
             return Ok(None);
         }
-        let q = self.chain.top().qcow2().expect("qcow2");
-        let refs = self.rc.get(q.file(), off >> q.geo.cluster_bits)?;
+        let q = &self.q;
+        let refs = self.rc.get(q.file(), off.cluster(q.geo.cluster_bits))?;
         if refs != 1 {
             return Err(Error::corrupt(format!(
-                "{}: guest cluster {gc} owns the cluster at {off:#x}, whose refcount is {refs}; \
+                "{}: guest cluster {gc} owns the cluster at {off}, whose refcount is {refs}; \
                  refusing to write (qemu-img check -r all)",
                 q.path.display()
             )));
@@ -258,8 +235,7 @@ impl Writer {
 
     fn write_clusters(&mut self, off: u64, data: &[u8]) -> Result<()> {
         self.check_range(off, data.len() as u64)?;
-        let cs = self.q().geo.cluster_size();
-        let extended = self.q().geo.extended;
+        let cs = self.q.geo.cluster_size();
         let mut updates = Vec::new();
         let mut frees = Vec::new();
         let mut allocated = false;
@@ -270,18 +246,12 @@ impl Writer {
             let in_off = at % cs;
             let n = ((cs - in_off) as usize).min(data.len() - pos);
             let chunk = &data[pos..pos + n];
-            let (e, b, _) = self.entry(gc)?;
-            let fully_mapped = if extended {
-                b == ALL_ALLOC
-            } else {
-                e & OFLAG_ZERO == 0
-            };
+            let e = self.entry(gc)?;
+            let fully_mapped = e.all_data(&self.q.geo);
             match self.owned_host(gc, e)? {
                 Some(host) if fully_mapped => {
                     self.not_metadata(gc, host, cs)?;
-                    self.file()
-                        .write_all_at(chunk, host + in_off)
-                        .map_err(|er| wio("write data", er))?;
+                    self.q.write_at(host + in_off, chunk, "data")?;
                 }
                 owned => {
                     // Copy-on-write: the cluster as it reads now, with the new bytes on top.
@@ -299,14 +269,10 @@ impl Writer {
                         }
                     };
                     self.not_metadata(gc, host, cs)?;
-                    self.file()
-                        .write_all_at(&buf, host)
-                        .map_err(|er| wio("write data", er))?;
-                    let bitmap = if extended { ALL_ALLOC } else { 0 };
+                    self.q.write_at(host, &buf, "data")?;
                     updates.push(Update {
                         gc,
-                        entry: host | OFLAG_COPIED,
-                        bitmap,
+                        entry: L2Entry::data(host, &self.q.geo),
                     });
                 }
             }
@@ -320,9 +286,8 @@ impl Writer {
     /// v2 images are written with zeros.
     pub fn zero(&mut self, off: u64, len: u64) -> Result<()> {
         self.check_range(off, len)?;
-        let q = self.q();
+        let q = &self.q;
         let cs = q.geo.cluster_size();
-        let extended = q.geo.extended;
         let v3 = q.header.version >= 3;
         let end = off + len;
         let first_full = off.div_ceil(cs) * cs;
@@ -334,24 +299,17 @@ impl Writer {
         let mut updates = Vec::new();
         let mut frees = Vec::new();
         for gc in first_full / cs..last_full / cs {
-            let (e, b, _) = self.entry(gc)?;
-            let (entry, bitmap) = match self.owned_host(gc, e)? {
+            let e = self.entry(gc)?;
+            let new = match self.owned_host(gc, e)? {
                 // Keep the allocation, as `write -z` does; the data is no longer read.
-                Some(host) => (
-                    host | OFLAG_COPIED | if extended { 0 } else { OFLAG_ZERO },
-                    if extended { ALL_ZERO } else { 0 },
-                ),
+                Some(host) => L2Entry::zero(Some(host), &self.q.geo),
                 None => {
                     frees.extend(self.freed_by(gc, e)?);
-                    if extended {
-                        (0, ALL_ZERO)
-                    } else {
-                        (OFLAG_ZERO, 0)
-                    }
+                    L2Entry::zero(None, &self.q.geo)
                 }
             };
-            if (entry, bitmap) != (e, b) {
-                updates.push(Update { gc, entry, bitmap });
+            if new != e {
+                updates.push(Update { gc, entry: new });
             }
         }
         self.commit(updates, frees, false)?;
@@ -372,15 +330,18 @@ impl Writer {
 
     /// Point L2 entries at their new clusters, creating L2 tables where needed, in crash-safe
     /// order, then release what they no longer reference.
-    fn commit(&mut self, updates: Vec<Update>, frees: Vec<u64>, allocated: bool) -> Result<()> {
+    fn commit(
+        &mut self,
+        updates: Vec<Update>,
+        frees: Vec<HostCluster>,
+        allocated: bool,
+    ) -> Result<()> {
         if updates.is_empty() {
             return Ok(());
         }
-        let chain = self.chain.clone();
-        let q = chain.top().qcow2().expect("qcow2");
+        let q = self.q.clone();
         let file = q.file();
         let per = q.geo.l2_entries();
-        let words = if q.geo.extended { 2 } else { 1 };
         // Group by L2 table.
         let mut by_table: BTreeMap<u64, Vec<&Update>> = BTreeMap::new();
         for u in &updates {
@@ -389,62 +350,39 @@ impl Writer {
         let mut new_tables = Vec::new();
         let mut edits = Vec::new();
         for (l1_idx, ups) in by_table {
-            let l2 = q.l2_offset(Table::Active, l1_idx)?;
-            let fresh = l2 == 0;
-            let (l2, mut table) = if fresh {
-                let t = self.alloc()?;
-                self.rc.protect(file, t, q.geo.cluster_size(), "L2 table")?;
-                (t, vec![0u64; (per * words) as usize])
-            } else {
-                (l2, q.l2_table(l2)?.to_vec())
-            };
-            for u in &ups {
-                let i = ((u.gc % per) * words) as usize;
-                table[i] = u.entry;
-                if words == 2 {
-                    table[i + 1] = u.bitmap;
+            let changes = ups.iter().map(|u| (u.gc % per, u.entry));
+            match q.l2_offset(Table::Active, l1_idx)? {
+                None => {
+                    let t = self.alloc()?;
+                    self.rc.protect(file, t, q.geo.cluster_size(), "L2 table")?;
+                    let table = L2Table::empty(&q.geo).with(changes);
+                    q.store_l2_table(t, &table)?;
+                    new_tables.push((l1_idx, t, table));
                 }
-            }
-            if fresh {
-                let bytes: Vec<u8> = table.iter().flat_map(|e| e.to_be_bytes()).collect();
-                file.write_all_at(&bytes, l2)
-                    .map_err(|e| wio("write L2 table", e))?;
-                new_tables.push((l1_idx, l2, table));
-            } else {
-                edits.push((
-                    l2,
-                    ups.iter().map(|u| u.gc % per).collect::<Vec<_>>(),
-                    table,
-                ));
+                Some(l2) => {
+                    let table = q.l2_table(l2)?.with(changes);
+                    let idxs: Vec<u64> = ups.iter().map(|u| u.gc % per).collect();
+                    edits.push((l2, idxs, table));
+                }
             }
         }
         if allocated || !new_tables.is_empty() {
-            file.sync_data().map_err(|e| wio("flush", e))?;
+            q.flush()?;
         }
         // From here entries point at the new clusters: a failure leaves leaks at most.
         self.fresh.clear();
         for (l2, idxs, table) in edits {
             for i in idxs {
-                let w = (i * words) as usize;
-                let bytes: Vec<u8> = table[w..w + words as usize]
-                    .iter()
-                    .flat_map(|e| e.to_be_bytes())
-                    .collect();
-                file.write_all_at(&bytes, l2 + (w as u64) * 8)
-                    .map_err(|e| wio("write L2 entry", e))?;
+                q.store_l2_entry(l2, &table, i)?;
             }
-            q.l2_updated(l2, table.into());
+            q.l2_updated(l2, table);
         }
         for (l1_idx, l2, table) in new_tables {
-            let e = l2 | OFLAG_COPIED;
-            let at = q.header.l1_table_offset + l1_idx * 8;
-            file.write_all_at(&e.to_be_bytes(), at)
-                .map_err(|er| wio("write L1 entry", er))?;
-            q.l2_updated(l2, table.into());
-            q.l1_updated(l1_idx as usize, e);
+            q.store_l1_entry(l1_idx, l1_entry(l2))?;
+            q.l2_updated(l2, table);
         }
         if !frees.is_empty() {
-            file.sync_data().map_err(|e| wio("flush", e))?;
+            q.flush()?;
             for c in frees {
                 self.rc.decrement(file, c)?;
             }
@@ -457,7 +395,7 @@ impl Writer {
         if len == 0 {
             return Ok(());
         }
-        let q = self.chain.top().qcow2().expect("qcow2");
+        let q = &self.q;
         let bits_per_cluster = q.geo.cluster_size() * 8;
         // Enabled, trusted, live bitmaps record writes (checked per write: mkdir/rmdir change them).
         if !self.bitmaps_ok {
@@ -498,7 +436,7 @@ impl Writer {
 
     /// Make everything written so far durable.
     pub fn flush(&self) -> Result<()> {
-        self.file().sync_data().map_err(|e| wio("flush", e))
+        self.q.flush()
     }
 
     /// Store the marked bitmap clusters, then clear in_use (a clean close).
@@ -507,37 +445,31 @@ impl Writer {
             return Ok(());
         }
         self.closed = true;
-        let q = self.chain.top().qcow2().expect("qcow2");
+        let q = self.q.clone();
         let file = q.file();
         let cs = q.geo.cluster_size();
+        let cb = q.geo.cluster_bits;
         for ((bi, idx), data) in q.bitmap_overlay_take() {
             let bm = q.bitmaps()[bi].clone();
             if bm.removed {
                 continue;
             }
             let b = &bm.entry;
-            let slot = b.bitmap_table_offset + idx * 8;
-            let mut raw = [0u8; 8];
-            file.read_exact_at(&mut raw, slot)
-                .map_err(|e| wio("read bitmap table", e))?;
-            let host = match decode_table_entry(u64::from_be_bytes(raw), cs)? {
-                TableEntry::Data(off) if self.rc.get(file, off >> q.geo.cluster_bits)? == 1 => off,
+            let host = match bitmaps::load_table_entry(file, b, idx, cs)? {
+                TableEntry::Data(off) if self.rc.get(file, off.cluster(cb))? == 1 => off,
                 _ => {
                     let off = self.rc.alloc(file)?;
                     q.note_file_end(off + cs);
                     self.rc.protect(file, off, cs, "bitmap data")?;
-                    file.write_all_at(&data, off)
-                        .map_err(|e| wio("write bitmap data", e))?;
-                    file.sync_data().map_err(|e| wio("flush", e))?;
-                    file.write_all_at(&off.to_be_bytes(), slot)
-                        .map_err(|e| wio("write bitmap table", e))?;
+                    q.write_at(off, &data, "bitmap data")?;
+                    q.flush()?;
+                    bitmaps::store_table_entry(file, b, idx, off)?;
                     continue;
                 }
             };
-            file.write_all_at(&data, host)
-                .map_err(|e| wio("write bitmap data", e))?;
+            q.write_at(host, &data, "bitmap data")?;
         }
-        file.sync_data().map_err(|e| wio("flush", e))?;
+        q.flush()?;
         self.set_in_use(false)
     }
 }
@@ -545,7 +477,7 @@ impl Writer {
 impl Drop for Writer {
     fn drop(&mut self) {
         if let Err(e) = self.close() {
-            log::error!("{}: closing the image failed: {e}", self.q().path.display());
+            log::error!("{}: closing the image failed: {e}", self.q.path.display());
         }
     }
 }

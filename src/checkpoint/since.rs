@@ -4,7 +4,7 @@
 use super::model::{Checkpoint, Source};
 use crate::chain::Chain;
 use crate::error::{Error, ErrorKind, Result};
-use crate::qcow2::l2::OFLAG_COPIED;
+use crate::qcow2::l2::L2Table;
 use crate::qcow2::{BitmapCluster, Qcow2Image, Table};
 
 /// Blocks per chunk: 256 Ki bits = 32 KiB of memory; 16 GiB of disk at 64 KiB granularity.
@@ -168,35 +168,26 @@ fn add_snapshot_diff(
     let snap_size = q.table_size(Table::Snapshot(si));
     let end = (b1 * g).min(q.size());
     let mut off = b0 * g;
-    let words = if q.geo.extended { 2 } else { 1 };
     while off < end {
         let l1 = off / cov;
         let table_end = ((l1 + 1) * cov).min(end);
         let a = q.l2_offset(Table::Active, l1)?;
+        // None past the snapshot's size: every cluster there differs.
         let s = if off < snap_size {
-            q.l2_offset(Table::Snapshot(si), l1)?
-        } else {
-            u64::MAX
-        };
-        if a == s {
-            off = table_end;
-            continue;
-        }
-        let at = if a != 0 { Some(q.l2_table(a)?) } else { None };
-        let st = if s != 0 && s != u64::MAX {
-            Some(q.l2_table(s)?)
+            Some(q.l2_offset(Table::Snapshot(si), l1)?)
         } else {
             None
         };
+        if s == Some(a) {
+            off = table_end;
+            continue;
+        }
+        let at = a.map(|a| q.l2_table(a)).transpose()?;
+        let st = s.flatten().map(|s| q.l2_table(s)).transpose()?;
         while off < table_end {
-            let i = ((off % cov) / cs * words) as usize;
-            let get = |t: &Option<std::sync::Arc<[u64]>>, j: usize| {
-                t.as_ref().and_then(|t| t.get(j).copied()).unwrap_or(0)
-            };
-            let mask = |e: u64| e & !OFLAG_COPIED;
-            let differs = off >= snap_size
-                || mask(get(&at, i)) != mask(get(&st, i))
-                || (words == 2 && get(&at, i + 1) != get(&st, i + 1));
+            let i = (off % cov) / cs;
+            let get = |t: &Option<L2Table>| t.as_ref().map(|t| t.get(i)).unwrap_or_default();
+            let differs = off >= snap_size || !get(&at).same_mapping(&get(&st));
             let next = ((off / cs) + 1) * cs;
             if differs {
                 set_range(bits, off / g - b0, next.min(end).div_ceil(g) - b0);

@@ -1,8 +1,11 @@
 //! The bitmap directory and bitmap tables (docs/interop/qcow2.rst, "Bitmaps extension").
 //! Pure parsing; reading the data clusters lives in `image.rs`.
 
-use super::bytes::{u16_at, u32_at, u64_at};
+use super::bytes::{u16_at, u32_at, u64_at, u64_table};
+use super::types::HostOffset;
 use crate::error::{Error, Result};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 
 pub const FLAG_IN_USE: u32 = 1 << 0;
 pub const FLAG_AUTO: u32 = 1 << 1;
@@ -176,13 +179,74 @@ pub fn parse_directory(dir: &[u8], nb: u32) -> Result<Vec<BitmapEntry>> {
     Ok(out)
 }
 
+/// Byte position of the flags inside a directory entry.
+const AT_FLAGS: u64 = 12;
+
+/// The directory holding `entries` as stored, and each entry's position in it.
+pub fn serialize_directory(entries: &[BitmapEntry]) -> (Vec<u8>, Vec<usize>) {
+    let mut out = Vec::new();
+    let mut pos = Vec::new();
+    for e in entries {
+        pos.push(out.len());
+        out.extend_from_slice(&e.bitmap_table_offset.to_be_bytes());
+        out.extend_from_slice(&e.bitmap_table_size.to_be_bytes());
+        out.extend_from_slice(&e.flags.to_be_bytes());
+        out.push(e.bitmap_type);
+        out.push(e.granularity_bits);
+        out.extend_from_slice(&(e.name.len() as u16).to_be_bytes());
+        out.extend_from_slice(&0u32.to_be_bytes());
+        out.extend_from_slice(e.name.as_bytes());
+        while out.len() % 8 != 0 {
+            out.push(0);
+        }
+    }
+    (out, pos)
+}
+
+fn wio(what: &str, e: std::io::Error) -> Error {
+    Error::io(what.to_string(), e)
+}
+
+/// Store `flags` as the flags of entry `e` of the directory at `dir`, in place.
+pub fn store_flags(file: &File, dir: HostOffset, e: &BitmapEntry, flags: u32) -> Result<()> {
+    file.write_all_at(&flags.to_be_bytes(), dir.0 + e.dir_pos as u64 + AT_FLAGS)
+        .map_err(|er| wio("write bitmap directory", er))
+}
+
+/// The raw table of entry `e` as stored (one word per data cluster).
+pub fn load_table(file: &File, e: &BitmapEntry) -> Result<Vec<u64>> {
+    let mut raw = vec![0u8; e.bitmap_table_size as usize * 8];
+    file.read_exact_at(&mut raw, e.bitmap_table_offset)
+        .map_err(|er| wio("read bitmap table", er))?;
+    Ok(u64_table(&raw))
+}
+
+/// Table entry `idx` of bitmap `e` as stored now, decoded.
+pub fn load_table_entry(
+    file: &File,
+    e: &BitmapEntry,
+    idx: u64,
+    cluster_size: u64,
+) -> Result<TableEntry> {
+    let mut raw = [0u8; 8];
+    file.read_exact_at(&mut raw, e.bitmap_table_offset + idx * 8)
+        .map_err(|er| wio("read bitmap table", er))?;
+    decode_table_entry(u64::from_be_bytes(raw), cluster_size)
+}
+
+/// Store table entry `idx` of bitmap `e`: its bits are in the data cluster at `data`.
+pub fn store_table_entry(file: &File, e: &BitmapEntry, idx: u64, data: HostOffset) -> Result<()> {
+    file.write_all_at(&data.0.to_be_bytes(), e.bitmap_table_offset + idx * 8)
+        .map_err(|er| wio("write bitmap table", er))
+}
+
 /// One bitmap table entry, decoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TableEntry {
     /// The cluster's bits are all 0 or all 1.
     Fill(bool),
     /// The bits are stored in the data cluster at this host offset.
-    Data(u64),
+    Data(HostOffset),
 }
 
 /// Decode a bitmap table entry, checking reserved bits and alignment.
@@ -206,7 +270,7 @@ pub fn decode_table_entry(e: u64, cluster_size: u64) -> Result<TableEntry> {
             "bitmap data cluster {off:#x} is not cluster aligned"
         )));
     }
-    Ok(TableEntry::Data(off))
+    Ok(TableEntry::Data(HostOffset(off)))
 }
 
 #[cfg(test)]
@@ -259,10 +323,38 @@ mod tests {
         );
         assert_eq!(
             decode_table_entry(0x70000, 65536).unwrap(),
-            TableEntry::Data(0x70000)
+            TableEntry::Data(HostOffset(0x70000))
         );
         assert!(decode_table_entry(0x70200, 65536).is_err());
         assert!(decode_table_entry(2, 65536).is_err());
+    }
+
+    #[test]
+    fn directory_round_trips() {
+        let entry = |name: &str, flags| BitmapEntry {
+            name: name.to_string(),
+            bitmap_table_offset: 0x30000,
+            bitmap_table_size: 1,
+            flags,
+            bitmap_type: 1,
+            granularity_bits: 16,
+            extra_data_size: 0,
+            dir_pos: 0,
+        };
+        let entries = vec![entry("a", FLAG_AUTO), entry("longer-name", FLAG_IN_USE)];
+        let (bytes, pos) = serialize_directory(&entries);
+        assert_eq!(bytes.len() % 8, 0);
+        let back = parse_directory(&bytes, 2).unwrap();
+        assert_eq!(back.iter().map(|e| e.dir_pos).collect::<Vec<_>>(), pos);
+        for (a, b) in back.iter().zip(&entries) {
+            assert_eq!(
+                BitmapEntry {
+                    dir_pos: 0,
+                    ..a.clone()
+                },
+                *b
+            );
+        }
     }
 
     #[test]

@@ -6,6 +6,7 @@
 use super::bitmaps::TableEntry;
 use super::header::AUTOCLEAR_BITMAPS;
 use super::image::Qcow2Image;
+use super::types::{HostCluster, HostOffset};
 use super::Table;
 use crate::error::{Error, Result};
 use std::collections::BTreeMap;
@@ -14,12 +15,12 @@ use std::collections::BTreeMap;
 #[derive(Default)]
 pub struct Guard {
     /// First cluster -> (end cluster, exclusive; what lives there).
-    map: BTreeMap<u64, (u64, &'static str)>,
+    map: BTreeMap<HostCluster, (HostCluster, &'static str)>,
 }
 
 impl Guard {
     /// Clusters `[c0, c1)` hold `what`; refused if they overlap metadata already known.
-    pub fn protect(&mut self, c0: u64, c1: u64, what: &'static str) -> Result<()> {
+    pub fn protect(&mut self, c0: HostCluster, c1: HostCluster, what: &'static str) -> Result<()> {
         if c1 <= c0 {
             return Ok(());
         }
@@ -33,7 +34,7 @@ impl Guard {
     }
 
     /// What metadata `[c0, c1)` overlaps, if any.
-    pub fn hit(&self, c0: u64, c1: u64) -> Option<&'static str> {
+    pub fn hit(&self, c0: HostCluster, c1: HostCluster) -> Option<&'static str> {
         // Ranges are disjoint and sorted, so only the last one starting before c1 can reach c0.
         self.map
             .range(..c1)
@@ -43,7 +44,7 @@ impl Guard {
     }
 
     /// Cluster `c` is free again: forget the metadata range it belonged to.
-    pub fn release(&mut self, c: u64) {
+    pub fn release(&mut self, c: HostCluster) {
         let start = self
             .map
             .range(..=c)
@@ -62,13 +63,12 @@ impl Guard {
 /// them), unless the autoclear bit says the bitmaps extension is stale (QEMU ignores it then).
 /// A bitmap QEMU refuses is an error. (Refcount blocks are added by `Refcounts` itself;
 /// internal snapshots make a writer refuse the image before this is asked.)
-pub fn metadata(q: &Qcow2Image) -> Result<Vec<(u64, u64, &'static str)>> {
+pub fn metadata(q: &Qcow2Image) -> Result<Vec<(HostOffset, u64, &'static str)>> {
     let h = &q.header;
     let cs = q.geo.cluster_size();
     let mut out = q.header_regions();
     for i in 0..u64::from(h.l1_size) {
-        let l2 = q.l2_offset(Table::Active, i)?;
-        if l2 != 0 {
+        if let Some(l2) = q.l2_offset(Table::Active, i)? {
             out.push((l2, cs, "L2 table"));
         }
     }
@@ -83,7 +83,7 @@ pub fn metadata(q: &Qcow2Image) -> Result<Vec<(u64, u64, &'static str)>> {
         }
         let e = &bm.entry;
         out.push((
-            e.bitmap_table_offset,
+            HostOffset(e.bitmap_table_offset),
             u64::from(e.bitmap_table_size) * 8,
             "bitmap table",
         ));
@@ -103,25 +103,33 @@ mod tests {
     #[test]
     fn overlaps_found_and_released() {
         let mut g = Guard::default();
-        g.protect(0, 1, "header").unwrap();
-        g.protect(3, 5, "L1 table").unwrap();
-        g.protect(9, 10, "L2 table").unwrap();
-        assert_eq!(g.hit(1, 3), None);
-        assert_eq!(g.hit(4, 5), Some("L1 table"));
-        assert_eq!(g.hit(2, 4), Some("L1 table"));
-        assert_eq!(g.hit(5, 9), None);
+        g.protect(HostCluster(0), HostCluster(1), "header").unwrap();
+        g.protect(HostCluster(3), HostCluster(5), "L1 table")
+            .unwrap();
+        g.protect(HostCluster(9), HostCluster(10), "L2 table")
+            .unwrap();
+        assert_eq!(g.hit(HostCluster(1), HostCluster(3)), None);
+        assert_eq!(g.hit(HostCluster(4), HostCluster(5)), Some("L1 table"));
+        assert_eq!(g.hit(HostCluster(2), HostCluster(4)), Some("L1 table"));
+        assert_eq!(g.hit(HostCluster(5), HostCluster(9)), None);
         assert_eq!(
-            g.hit(0, 100),
+            g.hit(HostCluster(0), HostCluster(100)),
             Some("L2 table"),
             "the last range reaching in"
         );
-        let e = g.protect(4, 6, "refcount block").unwrap_err();
+        let e = g
+            .protect(HostCluster(4), HostCluster(6), "refcount block")
+            .unwrap_err();
         assert!(e.msg.contains("overlaps the L1 table"), "{}", e.msg);
-        g.release(4);
-        assert_eq!(g.hit(3, 5), None, "the whole L1 range is forgotten");
-        g.release(7);
+        g.release(HostCluster(4));
         assert_eq!(
-            g.hit(9, 10),
+            g.hit(HostCluster(3), HostCluster(5)),
+            None,
+            "the whole L1 range is forgotten"
+        );
+        g.release(HostCluster(7));
+        assert_eq!(
+            g.hit(HostCluster(9), HostCluster(10)),
             Some("L2 table"),
             "a free cluster releases nothing else"
         );

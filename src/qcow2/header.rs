@@ -3,7 +3,10 @@
 //! length, and returns a header whose table offsets have been checked against both.
 
 use super::bytes::{slice_at, u32_at, u64_at};
+use super::types::HostOffset;
 use crate::error::{Error, Result};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 
 pub const MAGIC: u32 = 0x5146_49fb;
 
@@ -19,9 +22,14 @@ pub const AUTOCLEAR_BITMAPS: u64 = 1 << 0;
 const EXT_END: u32 = 0;
 const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
 const EXT_FEATURE_NAMES: u32 = 0x6803_f857;
-const EXT_BITMAPS: u32 = 0x2385_2875;
+pub const EXT_BITMAPS: u32 = 0x2385_2875;
 const EXT_CRYPTO: u32 = 0x0537_be77;
 const EXT_DATA_FILE: u32 = 0x4441_5441;
+
+/// Byte positions of the header fields a writer stores.
+const AT_BACKING_FILE_OFFSET: usize = 8;
+const AT_REFCOUNT_TABLE_OFFSET: u64 = 48;
+const AT_AUTOCLEAR_FEATURES: usize = 88;
 
 /// Largest L1 table QEMU opens (QCOW_MAX_L1_SIZE, 32 MiB).
 const MAX_L1_BYTES: u64 = 32 << 20;
@@ -73,6 +81,33 @@ pub struct BitmapsExt {
     pub bitmap_directory_offset: u64,
 }
 
+impl BitmapsExt {
+    /// Decode the extension's data.
+    pub fn parse(data: &[u8]) -> Result<BitmapsExt> {
+        if data.len() < 24 {
+            return Err(Error::corrupt(format!(
+                "bitmaps extension of {} bytes (needs 24)",
+                data.len()
+            )));
+        }
+        Ok(BitmapsExt {
+            nb_bitmaps: u32_at(data, 0, "nb_bitmaps")?,
+            bitmap_directory_size: u64_at(data, 8, "bitmap_directory_size")?,
+            bitmap_directory_offset: u64_at(data, 16, "bitmap_directory_offset")?,
+        })
+    }
+
+    /// The extension's data as stored (24 bytes).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut d = Vec::with_capacity(24);
+        d.extend_from_slice(&self.nb_bitmaps.to_be_bytes());
+        d.extend_from_slice(&0u32.to_be_bytes());
+        d.extend_from_slice(&self.bitmap_directory_size.to_be_bytes());
+        d.extend_from_slice(&self.bitmap_directory_offset.to_be_bytes());
+        d
+    }
+}
+
 /// A parsed and checked qcow2 header. Field names follow the spec.
 #[derive(Debug, Clone)]
 pub struct Header {
@@ -99,6 +134,8 @@ pub struct Header {
     /// The backing-format extension, if present.
     pub backing_format: Option<String>,
     pub bitmaps: Option<BitmapsExt>,
+    /// Every header extension as stored, in order (a rewrite keeps those it does not change).
+    pub extensions: Vec<(u32, Vec<u8>)>,
 }
 
 impl Header {
@@ -160,6 +197,7 @@ impl Header {
             backing_file: None,
             backing_format: None,
             bitmaps: None,
+            extensions: Vec::new(),
         };
         if version == 3 {
             if buf.len() < 104 {
@@ -310,23 +348,12 @@ impl Header {
                 )));
             }
             seen.push(ty);
+            self.extensions.push((ty, data.to_vec()));
             match ty {
                 EXT_BACKING_FORMAT => {
                     self.backing_format = Some(string_field(data, "backing format")?)
                 }
-                EXT_BITMAPS => {
-                    if data.len() < 24 {
-                        return Err(Error::corrupt(format!(
-                            "bitmaps extension of {} bytes (needs 24)",
-                            data.len()
-                        )));
-                    }
-                    self.bitmaps = Some(BitmapsExt {
-                        nb_bitmaps: u32_at(data, 0, "nb_bitmaps")?,
-                        bitmap_directory_size: u64_at(data, 8, "bitmap_directory_size")?,
-                        bitmap_directory_offset: u64_at(data, 16, "bitmap_directory_offset")?,
-                    });
-                }
+                EXT_BITMAPS => self.bitmaps = Some(BitmapsExt::parse(data)?),
                 EXT_CRYPTO => {
                     return Err(Error::unsupported(
                         "encrypted image (full-disk-encryption extension)",
@@ -380,7 +407,7 @@ impl Header {
 
 /// Where header extensions must end, as QEMU reads them: at the backing file name if there is
 /// one, else at the end of the first cluster.
-pub fn extensions_end(backing_file_offset: u64, cluster_size: u64) -> u64 {
+fn extensions_end(backing_file_offset: u64, cluster_size: u64) -> u64 {
     match backing_file_offset {
         0 => cluster_size,
         o => o.min(cluster_size),
@@ -388,13 +415,13 @@ pub fn extensions_end(backing_file_offset: u64, cluster_size: u64) -> u64 {
 }
 
 /// One header extension: its type and data.
-pub type Extension<'a> = (u32, &'a [u8]);
+type Extension<'a> = (u32, &'a [u8]);
 
 /// Walk the header extensions of `c0` (the start of the file) from `header_length` up to
 /// `end` (`extensions_end`): the (type, data) pairs before the end marker, and the
 /// offset of the end marker (or `end` where the extensions fill the area, as QEMU allows).
 /// An extension that runs past `end` is refused, as QEMU refuses it.
-pub fn extensions(c0: &[u8], header_length: u32, end: u64) -> Result<(Vec<Extension<'_>>, usize)> {
+fn extensions(c0: &[u8], header_length: u32, end: u64) -> Result<(Vec<Extension<'_>>, usize)> {
     let end_at = usize::try_from(end).unwrap_or(usize::MAX);
     let area = &c0[..c0.len().min(end_at)];
     let past = || {
@@ -417,6 +444,76 @@ pub fn extensions(c0: &[u8], header_length: u32, end: u64) -> Result<(Vec<Extens
         off = off.checked_add(8 + len.div_ceil(8) * 8).ok_or_else(past)?;
     }
     Ok((out, off))
+}
+
+fn wio(e: std::io::Error) -> Error {
+    Error::io("write header", e)
+}
+
+/// Store the refcount table location (offset and clusters, one write).
+pub fn store_refcount_table(file: &File, offset: HostOffset, clusters: u32) -> Result<()> {
+    let mut b = [0u8; 12];
+    b[..8].copy_from_slice(&offset.0.to_be_bytes());
+    b[8..].copy_from_slice(&clusters.to_be_bytes());
+    file.write_all_at(&b, AT_REFCOUNT_TABLE_OFFSET).map_err(wio)
+}
+
+/// Store the autoclear feature bits.
+pub fn store_autoclear(file: &File, bits: u64) -> Result<()> {
+    file.write_all_at(&bits.to_be_bytes(), AT_AUTOCLEAR_FEATURES as u64)
+        .map_err(wio)
+}
+
+/// Store `bitmaps` as the bitmaps extension of the image `h` was parsed from (see
+/// `rewrite_extensions`), in one write of the first cluster.
+pub fn store_bitmaps_ext(file: &File, h: &Header, bitmaps: Option<BitmapsExt>) -> Result<()> {
+    let mut fields = vec![0u8; h.header_length as usize];
+    super::image::read_exact_or_zero(file, 0, &mut fields)
+        .map_err(|e| Error::io("read header", e))?;
+    let out = rewrite_extensions(&fields, h, bitmaps)?;
+    file.write_all_at(&out, 0).map_err(wio)
+}
+
+/// The first cluster rewritten as QEMU's header update writes it (the whole cluster, zero
+/// filled): `fields` (the header fields as on disk now, `header_length` bytes at least: a
+/// writer may have changed some since `h` was parsed), the extensions found at open with
+/// `bitmaps` as the bitmaps extension (dropped if None) and the matching autoclear bit, then
+/// the backing file name.
+fn rewrite_extensions(fields: &[u8], h: &Header, bitmaps: Option<BitmapsExt>) -> Result<Vec<u8>> {
+    let cs = h.cluster_size() as usize;
+    if h.version < 3 {
+        return Err(Error::unsupported("qcow2 v2 images cannot store bitmaps"));
+    }
+    let mut out = slice_at(fields, 0, h.header_length as usize, "header")?.to_vec();
+    let bitmaps_ext = bitmaps.map(|b| (EXT_BITMAPS, b.to_bytes()));
+    let kept = h.extensions.iter().filter(|(ty, _)| *ty != EXT_BITMAPS);
+    for (ty, d) in kept.chain(bitmaps_ext.as_ref()) {
+        out.extend_from_slice(&ty.to_be_bytes());
+        out.extend_from_slice(&(d.len() as u32).to_be_bytes());
+        out.extend_from_slice(d);
+        out.resize(out.len().div_ceil(8) * 8, 0);
+    }
+    out.extend_from_slice(&[0u8; 8]);
+    let backing_off = out.len() as u64;
+    let backing = h.backing_file.as_ref().map_or(&[][..], |b| b.as_bytes());
+    out.extend_from_slice(backing);
+    if out.len() > cs {
+        return Err(Error::unsupported(
+            "header extensions do not fit in the first cluster",
+        ));
+    }
+    if !backing.is_empty() {
+        out[AT_BACKING_FILE_OFFSET..AT_BACKING_FILE_OFFSET + 8]
+            .copy_from_slice(&backing_off.to_be_bytes());
+    }
+    let autoclear = if bitmaps.is_some() {
+        AUTOCLEAR_BITMAPS
+    } else {
+        0
+    };
+    out[AT_AUTOCLEAR_FEATURES..AT_AUTOCLEAR_FEATURES + 8].copy_from_slice(&autoclear.to_be_bytes());
+    out.resize(cs, 0);
+    Ok(out)
 }
 
 fn string_field(data: &[u8], what: &str) -> Result<String> {
@@ -548,6 +645,42 @@ mod tests {
         // An extension whose length runs off the cluster.
         b[116..120].copy_from_slice(&70000u32.to_be_bytes());
         assert!(Header::parse(&b[..65536], b.len() as u64).is_err());
+    }
+
+    #[test]
+    fn rewrite_keeps_extensions_and_name() {
+        let mut b = minimal_v3();
+        b[112..116].copy_from_slice(&EXT_BACKING_FORMAT.to_be_bytes());
+        b[116..120].copy_from_slice(&5u32.to_be_bytes());
+        b[120..125].copy_from_slice(b"qcow2");
+        b[8..16].copy_from_slice(&136u64.to_be_bytes());
+        b[16..20].copy_from_slice(&8u32.to_be_bytes());
+        b[136..144].copy_from_slice(b"base.img");
+        let h = Header::parse(&b[..65536], b.len() as u64).unwrap();
+        let ext = BitmapsExt {
+            nb_bitmaps: 2,
+            bitmap_directory_size: 80,
+            bitmap_directory_offset: 0x50000,
+        };
+        let out = rewrite_extensions(&b[..112], &h, Some(ext)).unwrap();
+        assert_eq!(out.len(), 65536, "the whole cluster, as QEMU writes it");
+        let h2 = Header::parse(&out, b.len() as u64).unwrap();
+        assert_eq!(h2.bitmaps, Some(ext));
+        assert_eq!(h2.autoclear_features, AUTOCLEAR_BITMAPS);
+        assert_eq!(h2.backing_format.as_deref(), Some("qcow2"));
+        assert_eq!(h2.backing_file, h.backing_file);
+        assert_ne!(
+            h2.backing_file_offset, 136,
+            "the name moved past the new extension"
+        );
+        let out = rewrite_extensions(&out[..112], &h2, None).unwrap();
+        let h3 = Header::parse(&out, b.len() as u64).unwrap();
+        assert_eq!((h3.bitmaps, h3.autoclear_features), (None, 0));
+        assert_eq!(h3.backing_file_offset, 136);
+        assert!(
+            out[144..].iter().all(|&x| x == 0),
+            "the old layout is cleared"
+        );
     }
 
     #[test]

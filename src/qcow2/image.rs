@@ -6,10 +6,9 @@ use super::bitmaps::{self, BitmapEntry, TableEntry};
 use super::bytes::{align_up, u64_table};
 use super::compress;
 use super::header::{check_region, Header, AUTOCLEAR_BITMAPS};
-use super::l2::{
-    l1_entry_offset, Geometry, Mapping, L2E_OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_ZERO,
-};
+use super::l2::{l1_entry_offset, Geometry, L2Table, Mapping};
 use super::snapshot::{self, SnapshotEntry};
+use super::types::{GuestOffset, HostOffset};
 use crate::error::{Error, Result};
 use lru::LruCache;
 use parking_lot::{Mutex, RwLock};
@@ -84,13 +83,13 @@ pub struct Qcow2Image {
     l1: RwLock<Vec<u64>>,
     bitmaps: RwLock<Vec<Arc<Bitmap>>>,
     pub snapshots: Vec<Snapshot>,
-    l2_cache: Mutex<LruCache<u64, Arc<[u64]>>>,
+    l2_cache: Mutex<LruCache<HostOffset, L2Table>>,
     /// Bumped (under the cache lock) whenever a writer changes an L2 table, so a reader that
     /// loaded a table from disk before the change does not cache the stale copy.
     l2_gen: std::sync::atomic::AtomicU64,
     /// Bitmap data clusters changed by a writer and not yet stored: (bitmap, table index).
     bitmap_overlay: Mutex<BitmapOverlay>,
-    cluster_cache: Mutex<LruCache<u64, Arc<[u8]>>>,
+    cluster_cache: Mutex<LruCache<HostOffset, Arc<[u8]>>>,
     /// Compressed clusters decompressed so far (for stats.json).
     pub decompressed: std::sync::atomic::AtomicU64,
 }
@@ -236,9 +235,9 @@ impl Qcow2Image {
     }
 
     /// Writer side: the file now extends at least to `end`.
-    pub fn note_file_end(&self, end: u64) {
+    pub fn note_file_end(&self, end: HostOffset) {
         self.file_len
-            .fetch_max(end, std::sync::atomic::Ordering::AcqRel);
+            .fetch_max(end.0, std::sync::atomic::Ordering::AcqRel);
     }
 
     pub fn file(&self) -> &File {
@@ -313,10 +312,10 @@ impl Qcow2Image {
         let l1 = self.read_meta_u64(offset, u64::from(entries), what)?;
         for (i, &e) in l1.iter().enumerate() {
             let l2 = l1_entry_offset(e, cs).map_err(|e| e.context(format!("{what} entry {i}")))?;
-            if l2 != 0 {
+            if let Some(l2) = l2 {
                 check_region(
                     &format!("L2 table (L1 entry {i})"),
-                    l2,
+                    l2.0,
                     cs,
                     cs,
                     self.file_len(),
@@ -328,21 +327,25 @@ impl Qcow2Image {
 
     /// The regions the header places: header cluster, L1 table, refcount table, bitmap
     /// directory (offset, length in bytes, name).
-    pub fn header_regions(&self) -> Vec<(u64, u64, &'static str)> {
+    pub fn header_regions(&self) -> Vec<(HostOffset, u64, &'static str)> {
         let h = &self.header;
         let cs = self.geo.cluster_size();
-        let mut regions = vec![(0, cs, "header")];
+        let mut regions = vec![(HostOffset(0), cs, "header")];
         if h.l1_size > 0 {
-            regions.push((h.l1_table_offset, u64::from(h.l1_size) * 8, "L1 table"));
+            regions.push((
+                HostOffset(h.l1_table_offset),
+                u64::from(h.l1_size) * 8,
+                "L1 table",
+            ));
         }
         regions.push((
-            h.refcount_table_offset,
+            HostOffset(h.refcount_table_offset),
             u64::from(h.refcount_table_clusters) * cs,
             "refcount table",
         ));
         if let Some(b) = h.bitmaps {
             regions.push((
-                b.bitmap_directory_offset,
+                HostOffset(b.bitmap_directory_offset),
                 b.bitmap_directory_size,
                 "bitmap directory",
             ));
@@ -356,9 +359,9 @@ impl Qcow2Image {
         let regions = self.header_regions();
         for (i, a) in regions.iter().enumerate() {
             for b in &regions[i + 1..] {
-                let a_end = align_up(a.0.saturating_add(a.1), cs).unwrap_or(u64::MAX);
-                let b_end = align_up(b.0.saturating_add(b.1), cs).unwrap_or(u64::MAX);
-                if a.0 < b_end && b.0 < a_end {
+                let a_end = align_up(a.0 .0.saturating_add(a.1), cs).unwrap_or(u64::MAX);
+                let b_end = align_up(b.0 .0.saturating_add(b.1), cs).unwrap_or(u64::MAX);
+                if a.0 .0 < b_end && b.0 .0 < a_end {
                     return Err(Error::corrupt(format!("{} overlaps the {}", b.2, a.2)));
                 }
             }
@@ -493,12 +496,12 @@ impl Qcow2Image {
     }
 
     /// The raw (L1 entry) offset of the L2 table covering `l1_idx` in `table`; 0 if none.
-    pub fn l2_offset(&self, table: Table, l1_idx: u64) -> Result<u64> {
+    pub fn l2_offset(&self, table: Table, l1_idx: u64) -> Result<Option<HostOffset>> {
         l1_entry_offset(self.l1_entry(table, l1_idx)?, self.geo.cluster_size())
     }
 
-    /// The L2 table at `off` (entries; two words each with extended L2).
-    pub fn l2_table(&self, off: u64) -> Result<Arc<[u64]>> {
+    /// The L2 table at `off`.
+    pub fn l2_table(&self, off: HostOffset) -> Result<L2Table> {
         let gen = {
             let mut c = self.l2_cache.lock();
             if let Some(t) = c.get(&off) {
@@ -507,7 +510,7 @@ impl Qcow2Image {
             self.l2_gen.load(std::sync::atomic::Ordering::Acquire)
         };
         let cs = self.geo.cluster_size();
-        let t: Arc<[u64]> = u64_table(&self.read_meta(off, cs, "L2 table")?).into();
+        let t = L2Table::parse(&self.read_meta(off.0, cs, "L2 table")?, self.geo.extended);
         let mut c = self.l2_cache.lock();
         if self.l2_gen.load(std::sync::atomic::Ordering::Acquire) == gen {
             c.put(off, t.clone());
@@ -516,19 +519,47 @@ impl Qcow2Image {
     }
 
     /// Writer side: `table` is now the content of the L2 table at `off` (already on disk).
-    pub fn l2_updated(&self, off: u64, table: Arc<[u64]>) {
+    pub fn l2_updated(&self, off: HostOffset, table: L2Table) {
         let mut c = self.l2_cache.lock();
         self.l2_gen
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         c.put(off, table);
     }
 
-    /// Writer side: the active L1 entry `idx` is now `entry` (already on disk).
-    pub fn l1_updated(&self, idx: usize, entry: u64) {
+    /// Writer side: write `data` (guest data, a new table, bitmap bits) at `at`.
+    pub fn write_at(&self, at: HostOffset, data: &[u8], what: &str) -> Result<()> {
+        self.file
+            .write_all_at(data, at.0)
+            .map_err(|e| Error::io(format!("write {what}"), e))
+    }
+
+    /// Writer side: make everything written so far durable.
+    pub fn flush(&self) -> Result<()> {
+        self.file.sync_data().map_err(|e| Error::io("flush", e))
+    }
+
+    /// Writer side: store a whole L2 table at `at` (the cache learns it by `l2_updated`).
+    pub fn store_l2_table(&self, at: HostOffset, table: &L2Table) -> Result<()> {
+        self.write_at(at, &table.to_bytes(), "L2 table")
+    }
+
+    /// Writer side: store entry `i` of `table`, the L2 table at `at`, in place.
+    pub fn store_l2_entry(&self, at: HostOffset, table: &L2Table, i: u64) -> Result<()> {
+        let (pos, bytes) = table.entry_bytes(i);
+        self.write_at(at + pos, &bytes, "L2 entry")
+    }
+
+    /// Writer side: store `entry` as active L1 entry `idx`, on disk and in memory.
+    pub fn store_l1_entry(&self, idx: u64, entry: u64) -> Result<()> {
+        let at = self.header.l1_table_offset + idx * 8;
+        self.file
+            .write_all_at(&entry.to_be_bytes(), at)
+            .map_err(|e| Error::io("write L1 entry", e))?;
         let mut l1 = self.l1.write();
-        if let Some(e) = l1.get_mut(idx) {
+        if let Some(e) = usize::try_from(idx).ok().and_then(|i| l1.get_mut(i)) {
             *e = entry;
         }
+        Ok(())
     }
 
     /// Writer side: the bits of bitmap `i`'s table entry `idx` are now `data` (in memory only).
@@ -542,7 +573,7 @@ impl Qcow2Image {
     }
 
     /// Forget a decompressed cluster whose host bytes were freed.
-    pub fn forget_cluster(&self, host_off: u64) {
+    pub fn forget_cluster(&self, host_off: HostOffset) {
         self.cluster_cache.lock().pop(&host_off);
     }
 
@@ -572,16 +603,14 @@ impl Qcow2Image {
             let l2_off = self
                 .l2_offset(table, l1_idx)
                 .map_err(|e| e.context(self.path.display()))?;
-            if l2_off != 0 {
+            if let Some(l2_off) = l2_off {
                 let l2 = self
                     .l2_table(l2_off)
                     .map_err(|e| e.context(self.path.display()))?;
                 let mut run: Option<u64> = None;
                 let mut c = at - at % cs;
                 while c < t_end {
-                    let i = ((c / cs) % self.geo.l2_entries()) as usize;
-                    let e = l2.get(i).copied().unwrap_or(0);
-                    let present = e & (L2E_OFFSET_MASK | OFLAG_ZERO | OFLAG_COMPRESSED) != 0;
+                    let present = l2.get((c / cs) % self.geo.l2_entries()).is_present();
                     match (present, run) {
                         (true, None) => run = Some(c.max(at)),
                         (false, Some(s)) => {
@@ -601,37 +630,21 @@ impl Qcow2Image {
         Ok(Some(()))
     }
 
-    pub fn map(&self, table: Table, off: u64, len: u64) -> Result<(Mapping, u64)> {
+    pub fn map(&self, table: Table, off: GuestOffset, len: u64) -> Result<(Mapping, u64)> {
         self.map_inner(table, off, len)
             .map_err(|e| e.context(self.path.display()))
     }
 
-    fn map_inner(&self, table: Table, off: u64, len: u64) -> Result<(Mapping, u64)> {
+    fn map_inner(&self, table: Table, off: GuestOffset, len: u64) -> Result<(Mapping, u64)> {
         let cov = self.geo.l2_coverage();
-        let cb = self.geo.cluster_bits;
-        let l1_idx = off / cov;
-        let l2_off = self.l2_offset(table, l1_idx)?;
+        let (l1_idx, mut idx, in_off) = self.geo.locate(off);
         let table_end = (l1_idx + 1) * cov;
-        let max = len.min(table_end - off);
-        if l2_off == 0 {
+        let max = len.min(table_end - off.0);
+        let Some(l2_off) = self.l2_offset(table, l1_idx)? else {
             return Ok((Mapping::Unallocated, max));
-        }
-        let l2 = self.l2_table(l2_off)?;
-        let words = if self.geo.extended { 2 } else { 1 };
-        let entry_at = |i: u64| -> (u64, u64) {
-            let base = (i * words) as usize;
-            let e = l2.get(base).copied().unwrap_or(0);
-            let b = if words == 2 {
-                l2.get(base + 1).copied().unwrap_or(0)
-            } else {
-                0
-            };
-            (e, b)
         };
-        let mut idx = (off >> cb) % self.geo.l2_entries();
-        let in_off = off & (self.geo.cluster_size() - 1);
-        let (e, b) = entry_at(idx);
-        let (first, mut run) = self.check_host(self.geo.decode(e, b, in_off)?)?;
+        let l2 = self.l2_table(l2_off)?;
+        let (first, mut run) = self.check_host(self.geo.decode(l2.get(idx), in_off)?)?;
         if matches!(first, Mapping::Compressed { .. }) {
             return Ok((first, run.min(max)));
         }
@@ -640,8 +653,7 @@ impl Qcow2Image {
         let mut at_cluster_end = in_off + run == cs;
         while at_cluster_end && run < max && idx + 1 < self.geo.l2_entries() {
             idx += 1;
-            let (e, b) = entry_at(idx);
-            let (next, nrun) = self.check_host(self.geo.decode(e, b, 0)?)?;
+            let (next, nrun) = self.check_host(self.geo.decode(l2.get(idx), 0)?)?;
             let continues = match (first, next) {
                 (Mapping::Data(h0), Mapping::Data(h1)) => h1 == h0 + run,
                 (Mapping::Zero, Mapping::Zero) | (Mapping::Unallocated, Mapping::Unallocated) => {
@@ -660,18 +672,18 @@ impl Qcow2Image {
 
     fn check_host(&self, (m, run): (Mapping, u64)) -> Result<(Mapping, u64)> {
         match m {
-            Mapping::Data(h) if h >= self.file_len() => Err(Error::corrupt(format!(
-                "data cluster at {h:#x} lies past the end of the file ({} bytes)",
+            Mapping::Data(h) if h.0 >= self.file_len() => Err(Error::corrupt(format!(
+                "data cluster at {h} lies past the end of the file ({} bytes)",
                 self.file_len()
             ))),
-            Mapping::Data(h) if h < self.geo.cluster_size() => Err(Error::corrupt(format!(
-                "data cluster at {h:#x} overlaps the header"
+            Mapping::Data(h) if h.0 < self.geo.cluster_size() => Err(Error::corrupt(format!(
+                "data cluster at {h} overlaps the header"
             ))),
             Mapping::Compressed { host_off, .. }
-                if host_off >= self.file_len() || host_off < self.geo.cluster_size() =>
+                if host_off.0 >= self.file_len() || host_off.0 < self.geo.cluster_size() =>
             {
                 Err(Error::corrupt(format!(
-                    "compressed cluster at {host_off:#x} lies outside the file's data area"
+                    "compressed cluster at {host_off} lies outside the file's data area"
                 )))
             }
             _ => Ok((m, run)),
@@ -679,18 +691,18 @@ impl Qcow2Image {
     }
 
     /// Read guest bytes at `off` that `map` reported as `m` (Data or Compressed) into `buf`.
-    pub fn read_mapped(&self, m: Mapping, off: u64, buf: &mut [u8]) -> Result<()> {
+    pub fn read_mapped(&self, m: Mapping, off: GuestOffset, buf: &mut [u8]) -> Result<()> {
         match m {
             Mapping::Data(host) => {
-                let got = read_up_to(&self.file, host, buf).map_err(|e| {
-                    Error::io(format!("{}: read at {host:#x}", self.path.display()), e)
+                let got = read_up_to(&self.file, host.0, buf).map_err(|e| {
+                    Error::io(format!("{}: read at {host}", self.path.display()), e)
                 })?;
-                let short_of_known_end = got < buf.len() && host + (got as u64) < self.file_len();
+                let short_of_known_end = got < buf.len() && (host + got as u64).0 < self.file_len();
                 if (got == 0 && !buf.is_empty()) || short_of_known_end {
                     // Nothing at all where an allocated cluster's bytes must be: the file was
                     // truncated (underneath us, or by a broken tool). Never serve that as zeros.
                     return Err(Error::corrupt(format!(
-                        "{}: data at {host:#x} lies past the end of the file (truncated?)",
+                        "{}: data at {host} lies past the end of the file (truncated?)",
                         self.path.display()
                     )));
                 }
@@ -698,7 +710,7 @@ impl Qcow2Image {
                 Ok(())
             }
             Mapping::Compressed { host_off, len } => {
-                let in_off = (off & (self.geo.cluster_size() - 1)) as usize;
+                let in_off = self.geo.locate(off).2 as usize;
                 if in_off == 0 && buf.len() as u64 == self.geo.cluster_size() {
                     // The whole cluster (large sequential reads): decompress it straight into
                     // the caller's buffer; keeping a copy would only pay for a later partial
@@ -724,7 +736,7 @@ impl Qcow2Image {
     }
 
     /// The decompressed cluster at `host_off`, from the cache or decompressed into it.
-    fn compressed_cluster(&self, host_off: u64, len: u64) -> Result<Arc<[u8]>> {
+    fn compressed_cluster(&self, host_off: HostOffset, len: u64) -> Result<Arc<[u8]>> {
         if let Some(c) = self.cluster_cache.lock().get(&host_off) {
             return Ok(c.clone());
         }
@@ -742,12 +754,17 @@ impl Qcow2Image {
 
     /// Decompress the compressed cluster at `host_off` (`len` bytes stored) into `out` (one
     /// cluster). The compressed bytes go through a per-thread buffer.
-    fn decompress_into(&self, host_off: u64, len: u64, out: &mut [u8]) -> Result<()> {
+    fn decompress_into(&self, host_off: HostOffset, len: u64, out: &mut [u8]) -> Result<()> {
         // The same bound as `read_meta`: never past the file by more than a cluster.
         let cs = self.geo.cluster_size();
-        if len > self.file_len().saturating_sub(host_off).saturating_add(cs) {
+        if len
+            > self
+                .file_len()
+                .saturating_sub(host_off.0)
+                .saturating_add(cs)
+        {
             return Err(Error::corrupt(format!(
-                "compressed cluster ({len} bytes at {host_off:#x}) runs past the end of the file \
+                "compressed cluster ({len} bytes at {host_off}) runs past the end of the file \
                  ({} bytes)",
                 self.file_len()
             )));
@@ -758,7 +775,7 @@ impl Qcow2Image {
             .with(|cell| {
                 let mut input = cell.borrow_mut();
                 input.resize(len, 0);
-                let r = read_exact_or_zero(&self.file, host_off, &mut input[..len])
+                let r = read_exact_or_zero(&self.file, host_off.0, &mut input[..len])
                     .map_err(|e| Error::io("read compressed cluster", e))
                     .and_then(|()| compress::decompress(self.header.compression_type, &input, out));
                 if input.capacity() > MAX_KEPT_INPUT {
@@ -766,7 +783,7 @@ impl Qcow2Image {
                 }
                 r
             })
-            .map_err(|e| e.context(format!("{}: cluster at {host_off:#x}", self.path.display())))?;
+            .map_err(|e| e.context(format!("{}: cluster at {host_off}", self.path.display())))?;
         self.decompressed
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(())
@@ -797,9 +814,9 @@ impl Qcow2Image {
                 u64_table(&raw)
                     .into_iter()
                     .map(|e| match bitmaps::decode_table_entry(e, cs)? {
-                        TableEntry::Data(off) if off >= self.file_len() => {
+                        TableEntry::Data(off) if off.0 >= self.file_len() => {
                             Err(Error::corrupt(format!(
-                                "bitmap '{}' data cluster {off:#x} lies past the end of the file",
+                                "bitmap '{}' data cluster {off} lies past the end of the file",
                                 bm.entry.name
                             )))
                         }
@@ -829,7 +846,7 @@ impl Qcow2Image {
                     return Ok(BitmapCluster::Data(c.clone()));
                 }
                 let data: Arc<[u8]> = self
-                    .read_meta(off, self.geo.cluster_size(), "bitmap data")?
+                    .read_meta(off.0, self.geo.cluster_size(), "bitmap data")?
                     .into();
                 self.cluster_cache.lock().put(off, data.clone());
                 Ok(BitmapCluster::Data(data))

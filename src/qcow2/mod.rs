@@ -11,6 +11,8 @@ pub mod l2;
 pub mod refcheck;
 pub mod refcount;
 pub mod snapshot;
+pub mod types;
 
 pub use image::{Bitmap, BitmapCluster, Qcow2Image, Snapshot, Table};
 pub use l2::Mapping;
+pub use types::{GuestOffset, HostCluster, HostOffset};

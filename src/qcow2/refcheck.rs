@@ -12,8 +12,8 @@
 //! past that the image is refused for writing, never written unchecked.
 
 use super::image::Qcow2Image;
-use super::l2::{L2E_OFFSET_MASK, OFLAG_COMPRESSED};
 use super::refcount::Refcounts;
+use super::types::HostCluster;
 use super::Table;
 use crate::error::{Error, Result};
 use std::collections::BTreeMap;
@@ -122,40 +122,37 @@ fn walk(q: &Qcow2Image, rc: &Refcounts, counts: &mut Counts) -> Result<()> {
     let cs = q.geo.cluster_size();
     let clusters = q.file_len().div_ceil(cs);
     let first = counts.from == 0;
-    let words = if q.geo.extended { 2 } else { 1 };
     for i in 0..u64::from(q.header.l1_size) {
-        let l2 = q.l2_offset(Table::Active, i)?;
-        if l2 == 0 {
+        let Some(l2) = q.l2_offset(Table::Active, i)? else {
             continue;
-        }
+        };
         let table = q.l2_table(l2)?;
-        for (k, &e) in table.iter().step_by(words).enumerate() {
-            let (host, len) = if e & OFLAG_COMPRESSED != 0 {
+        for (k, e) in table.iter().enumerate() {
+            let (host, len) = if e.is_compressed() {
                 q.geo.compressed_span(e)
             } else {
-                (e & L2E_OFFSET_MASK, cs)
+                (e.offset(), cs)
             };
             // Offset 0 is unallocated, except in a compressed entry (which points into the header).
-            if len == 0 || host == 0 && e & OFLAG_COMPRESSED == 0 {
+            if len == 0 || host.0 == 0 && !e.is_compressed() {
                 continue;
             }
-            let last = host.saturating_add(len - 1);
-            let (c0, c1) = (host >> cb, last >> cb);
+            let (c0, c1) = host.clusters(len, cb);
             if first {
                 let gc = i * q.geo.l2_entries() + k as u64;
-                if c1 >= clusters {
+                if c1.0 > clusters {
                     return Err(Error::corrupt(format!(
-                        "guest cluster {gc} references {host:#x}, past the end of the file"
+                        "guest cluster {gc} references {host}, past the end of the file"
                     )));
                 }
                 if let Some(what) = rc.metadata_at(host, len) {
                     return Err(Error::corrupt(format!(
-                        "guest cluster {gc} keeps its data at {host:#x}, inside the {what} \
+                        "guest cluster {gc} keeps its data at {host}, inside the {what} \
                          (qemu-img check: refcount too low)"
                     )));
                 }
             }
-            for c in c0..=c1 {
+            for c in c0.0..c1.0 {
                 counts.add(c);
             }
         }
@@ -167,12 +164,13 @@ fn walk(q: &Qcow2Image, rc: &Refcounts, counts: &mut Counts) -> Result<()> {
 fn verify(q: &Qcow2Image, rc: &mut Refcounts, counts: &Counts) -> Result<()> {
     let file = q.file();
     for (c, need) in counts.each() {
+        let c = HostCluster(c);
         let refs = rc.get(file, c)?;
         if refs < need {
             return Err(Error::corrupt(format!(
-                "host cluster {:#x} is referenced {}but its refcount is {refs} \
+                "host cluster {} is referenced {}but its refcount is {refs} \
                  (qemu-img check -r all)",
-                c << q.geo.cluster_bits,
+                c.offset(q.geo.cluster_bits),
                 if need > 1 { "more than once " } else { "" }
             )));
         }

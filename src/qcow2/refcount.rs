@@ -8,8 +8,9 @@
 
 use super::bytes::u64_table;
 use super::guard::Guard;
-use super::header::check_region;
+use super::header::{check_region, store_refcount_table};
 use super::image::Qcow2Image;
+use super::types::{HostCluster, HostOffset};
 use crate::error::{Error, Result};
 use std::collections::HashMap;
 use std::fs::File;
@@ -70,13 +71,19 @@ impl Refcounts {
 
     /// `[off, off+len)` holds `what`: refused if it overlaps other metadata or any of its
     /// clusters has refcount 0 (the allocator would hand it out and overwrite it).
-    pub fn protect(&mut self, file: &File, off: u64, len: u64, what: &'static str) -> Result<()> {
-        let (c0, c1) = self.clusters(off, len);
+    pub fn protect(
+        &mut self,
+        file: &File,
+        off: HostOffset,
+        len: u64,
+        what: &'static str,
+    ) -> Result<()> {
+        let (c0, c1) = off.clusters(len, self.cluster_bits);
         self.guard.protect(c0, c1, what)?;
-        for c in c0..c1 {
-            if self.get(file, c)? == 0 {
+        for c in c0.0..c1.0 {
+            if self.get(file, HostCluster(c))? == 0 {
                 return Err(Error::corrupt(format!(
-                    "the {what} at {off:#x} has refcount 0 (qemu-img check -r all)"
+                    "the {what} at {off} has refcount 0 (qemu-img check -r all)"
                 )));
             }
         }
@@ -84,8 +91,8 @@ impl Refcounts {
     }
 
     /// The metadata `[off, off+len)` overlaps, if any.
-    pub fn metadata_at(&self, off: u64, len: u64) -> Option<&'static str> {
-        let (c0, c1) = self.clusters(off, len);
+    pub fn metadata_at(&self, off: HostOffset, len: u64) -> Option<&'static str> {
+        let (c0, c1) = off.clusters(len, self.cluster_bits);
         self.guard.hit(c0, c1)
     }
 
@@ -101,19 +108,9 @@ impl Refcounts {
         let file_len = crate::hostfile::size(file).map_err(|e| io("stat", e))?;
         for off in offs {
             check_region("refcount block", off, cs, cs, file_len)?;
-            self.protect(file, off, cs, "refcount block")?;
+            self.protect(file, HostOffset(off), cs, "refcount block")?;
         }
         Ok(())
-    }
-
-    /// The clusters a byte range touches.
-    fn clusters(&self, off: u64, len: u64) -> (u64, u64) {
-        let c0 = off >> self.cluster_bits;
-        let end = off.saturating_add(len);
-        (
-            c0,
-            (end >> self.cluster_bits) + u64::from(end % self.cs() != 0),
-        )
     }
 
     fn cs(&self) -> u64 {
@@ -166,7 +163,8 @@ impl Refcounts {
     }
 
     /// Refcount of host cluster `c` (0 where no block exists).
-    pub fn get(&mut self, file: &File, c: u64) -> Result<u64> {
+    pub fn get(&mut self, file: &File, c: HostCluster) -> Result<u64> {
+        let c = c.0;
         let per = self.per_block();
         let Some(&e) = self.table.get((c / per) as usize) else {
             return Ok(0);
@@ -181,7 +179,7 @@ impl Refcounts {
     }
 
     /// Set the refcount of cluster `c`, whose block must exist.
-    pub fn set(&mut self, file: &File, c: u64, v: u64) -> Result<()> {
+    fn set(&mut self, file: &File, c: HostCluster, v: u64) -> Result<()> {
         let per = self.per_block();
         let bits = self.bits;
         if bits < 64 && v >= 1 << bits {
@@ -191,24 +189,24 @@ impl Refcounts {
         }
         let off = self
             .table
-            .get((c / per) as usize)
+            .get((c.0 / per) as usize)
             .map_or(0, |e| e & OFFSET_MASK);
         if off == 0 {
             return Err(Error::corrupt(format!("no refcount block for cluster {c}")));
         }
         let b = self.block(file, off)?;
-        let (s, e) = Self::set_in(b, c % per, bits, v);
+        let (s, e) = Self::set_in(b, c.0 % per, bits, v);
         file.write_all_at(&b[s..e], off + s as u64)
             .map_err(|e| io("write refcount block", e))?;
         if v == 0 {
             self.guard.release(c);
-            self.next_free = self.next_free.min(c);
+            self.next_free = self.next_free.min(c.0);
         }
         Ok(())
     }
 
     /// Drop one reference to cluster `c`.
-    pub fn decrement(&mut self, file: &File, c: u64) -> Result<()> {
+    pub fn decrement(&mut self, file: &File, c: HostCluster) -> Result<()> {
         let v = self.get(file, c)?;
         if v == 0 {
             return Err(Error::corrupt(format!(
@@ -219,7 +217,7 @@ impl Refcounts {
     }
 
     /// Allocate one free cluster (refcount set to 1, written through); returns its offset.
-    pub fn alloc(&mut self, file: &File) -> Result<u64> {
+    pub fn alloc(&mut self, file: &File) -> Result<HostOffset> {
         let per = self.per_block();
         let mut c = self.next_free.max(1);
         loop {
@@ -246,14 +244,14 @@ impl Refcounts {
             }
             c = ti * per + i;
             self.room(c, c + 1)?;
-            self.set(file, c, 1)?;
+            self.set(file, HostCluster(c), 1)?;
             self.next_free = c + 1;
-            return Ok(c << self.cluster_bits);
+            return Ok(HostCluster(c).offset(self.cluster_bits));
         }
     }
 
     /// Allocate `n` contiguous free clusters (refcounts set to 1); returns the first offset.
-    pub fn alloc_run(&mut self, file: &File, n: u64) -> Result<u64> {
+    pub fn alloc_run(&mut self, file: &File, n: u64) -> Result<HostOffset> {
         if n <= 1 {
             return self.alloc(file);
         }
@@ -272,15 +270,15 @@ impl Refcounts {
                     self.new_block_for_range(file, ti)?;
                     continue 'search;
                 }
-                if self.get(file, c)? != 0 {
+                if self.get(file, HostCluster(c))? != 0 {
                     start = c + 1;
                     continue 'search;
                 }
             }
             for k in 0..n {
-                self.set(file, start + k, 1)?;
+                self.set(file, HostCluster(start + k), 1)?;
             }
-            return Ok(start << self.cluster_bits);
+            return Ok(HostCluster(start).offset(self.cluster_bits));
         }
     }
 
@@ -301,7 +299,7 @@ impl Refcounts {
         file.sync_data().map_err(|e| io("flush", e))?;
         self.table[ti as usize] = off;
         self.blocks.insert(off, b);
-        self.protect(file, off, self.cs(), "refcount block")
+        self.protect(file, HostOffset(off), self.cs(), "refcount block")
     }
 
     /// Replace a full refcount table with one twice as large, placed (with the block that
@@ -331,21 +329,22 @@ impl Refcounts {
         file.write_all_at(&bytes, table_off)
             .map_err(|e| io("write refcount table", e))?;
         file.sync_data().map_err(|e| io("flush", e))?;
-        let mut hdr = [0u8; 12];
-        hdr[..8].copy_from_slice(&table_off.to_be_bytes());
-        hdr[8..].copy_from_slice(&(new_clusters as u32).to_be_bytes());
-        file.write_all_at(&hdr, 48)
-            .map_err(|e| io("write header", e))?;
+        store_refcount_table(file, HostOffset(table_off), new_clusters as u32)?;
         file.sync_data().map_err(|e| io("flush", e))?;
         let (old_off, old_clusters) = (self.table_offset, self.table_clusters);
         self.table = table;
         self.table_offset = table_off;
         self.table_clusters = new_clusters;
         self.blocks.insert(block_off, block);
-        self.protect(file, block_off, cs, "refcount block")?;
-        self.protect(file, table_off, new_clusters * cs, "refcount table")?;
+        self.protect(file, HostOffset(block_off), cs, "refcount block")?;
+        self.protect(
+            file,
+            HostOffset(table_off),
+            new_clusters * cs,
+            "refcount table",
+        )?;
         for k in 0..old_clusters {
-            self.decrement(file, (old_off >> self.cluster_bits) + k)?;
+            self.decrement(file, HostOffset(old_off).cluster(self.cluster_bits) + k)?;
         }
         Ok(())
     }

@@ -5,7 +5,7 @@
 
 use crate::common::*;
 use ckptfs::chain::{Chain, Disk};
-use ckptfs::qcow2::{BitmapCluster, Mapping, Table};
+use ckptfs::qcow2::{BitmapCluster, HostOffset, Mapping, Table};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -121,7 +121,11 @@ fn compressed_image(compression: &str, cluster: &str, len: usize, seed: u64) {
     let mut off = 0;
     while off < layer.size(Table::Active) {
         let (m, n) = layer.map(Table::Active, off, cs).unwrap();
-        if let Mapping::Compressed { host_off, len } = m {
+        if let Mapping::Compressed {
+            host_off: HostOffset(host_off),
+            len,
+        } = m
+        {
             compressed += 1;
             unaligned += usize::from(host_off % 512 != 0);
             crossing += usize::from(host_off / cs != (host_off + len - 1) / cs);

@@ -386,7 +386,7 @@ pub fn check_map(chain: &Arc<Chain>, start: usize, what: &str) {
                         Mapping::Data(h) => {
                             assert!(!e.compressed, "{}: qemu says compressed", ctx());
                             if let Some(o) = e.offset {
-                                assert_eq!(h, o + (x - e.start), "{}: host offset", ctx());
+                                assert_eq!(h.0, o + (x - e.start), "{}: host offset", ctx());
                             }
                         }
                         Mapping::Compressed { .. } => {
