@@ -459,13 +459,30 @@ impl Mount {
     }
 
     /// Unmount with `fusermount3 -u` now, asserting it worked and the daemon ended by itself.
+    ///
+    /// EBUSY is retried for a few seconds: another test thread that forks a helper while this
+    /// test has a file of the mount open hands that descriptor to the child until its exec
+    /// closes it (O_CLOEXEC), which keeps the mount busy for that moment.
     pub fn unmount(mut self) {
-        let r = run_files(
-            None,
-            "fusermount3",
-            &[OsStr::new("-u"), self.dir.as_os_str()],
-        );
-        assert!(r.ok, "fusermount3 -u {}: {}", self.dir.display(), r.stderr);
+        let start = Instant::now();
+        loop {
+            let r = run_files(
+                None,
+                "fusermount3",
+                &[OsStr::new("-u"), self.dir.as_os_str()],
+            );
+            if r.ok {
+                break;
+            }
+            let busy = r.stderr.contains("busy");
+            assert!(
+                busy && start.elapsed() < Duration::from_secs(5),
+                "fusermount3 -u {}: {}",
+                self.dir.display(),
+                r.stderr
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
         assert!(!is_mounted(&self.dir), "still mounted after fusermount3 -u");
         if let Some(mut c) = self.child.take() {
             let start = Instant::now();
