@@ -2,8 +2,8 @@
 //! snapshot), their order, and for each the sources whose union is its since-set.
 
 use super::libvirt::CheckpointXml;
-use crate::chain::{Chain, Disk};
-use crate::qcow2::Table;
+use crate::chain::{Chain, Disk, LayerKind};
+use crate::qcow2::{Qcow2Image, Table};
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
@@ -24,15 +24,37 @@ impl Kind {
     }
 }
 
-/// One term of a since-set union.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// One term of a since-set union. Bitmaps and snapshots live in qcow2 layers only, so their
+/// terms carry the layer's image.
+#[derive(Debug, Clone)]
 pub enum Source {
-    /// Bitmap `bitmap` of chain layer `layer`.
-    Bitmap { layer: usize, bitmap: usize },
+    /// Bitmap `bitmap` of chain layer `layer`, whose image is `image`.
+    Bitmap {
+        layer: usize,
+        image: Arc<Qcow2Image>,
+        bitmap: usize,
+    },
     /// Everything layer `layer` allocates (data or zero clusters).
     Allocation { layer: usize },
-    /// Clusters whose active mapping differs from snapshot `snapshot` of layer `layer`.
-    SnapshotDiff { layer: usize, snapshot: usize },
+    /// Clusters whose active mapping differs from snapshot `snapshot` of layer `layer`, whose
+    /// image is `image`.
+    SnapshotDiff {
+        layer: usize,
+        image: Arc<Qcow2Image>,
+        snapshot: usize,
+    },
+}
+
+/// The qcow2 image of each chain layer (None for raw layers).
+fn qcow2_images(chain: &Chain) -> Vec<Option<Arc<Qcow2Image>>> {
+    chain
+        .layers
+        .iter()
+        .map(|l| match &l.kind {
+            LayerKind::Qcow2(q) => Some(q.clone()),
+            LayerKind::Raw { .. } => None,
+        })
+        .collect()
 }
 
 /// How the order was decided.
@@ -88,12 +110,13 @@ fn split_caret(name: &str) -> (&str, Option<&str>) {
     }
 }
 
-/// A bitmap occurrence: where it is and which checkpoint it belongs to.
+/// A bitmap occurrence: where it is, which checkpoint it belongs to and the parent its name
+/// gives (`child^parent`).
 #[derive(Debug, Clone)]
 struct BitmapRef {
     layer: usize,
-    index: usize,
     ckpt: String,
+    parent: Option<String>,
 }
 
 impl Model {
@@ -103,11 +126,12 @@ impl Model {
         let mut refs: Vec<BitmapRef> = Vec::new();
         for (li, layer) in chain.layers.iter().enumerate() {
             if let Some(q) = layer.qcow2() {
-                for (bi, b) in q.bitmaps().iter().enumerate().filter(|(_, b)| !b.removed) {
+                for b in q.bitmaps().iter().filter(|b| !b.removed) {
+                    let (ckpt, parent) = split_caret(&b.entry.name);
                     refs.push(BitmapRef {
                         layer: li,
-                        index: bi,
-                        ckpt: split_caret(&b.entry.name).0.to_string(),
+                        ckpt: ckpt.to_string(),
+                        parent: parent.map(str::to_string),
                     });
                 }
             }
@@ -153,12 +177,6 @@ impl Model {
                 if !seen.insert(r.ckpt.clone()) {
                     continue;
                 }
-                let bm_name = &chain.layers[li]
-                    .qcow2()
-                    .expect("bitmaps live in qcow2")
-                    .bitmaps()[r.index]
-                    .entry
-                    .name;
                 let name = meta_alias
                     .get(&r.ckpt)
                     .cloned()
@@ -177,7 +195,7 @@ impl Model {
                     disk: None,
                     parent: match xml {
                         Some(x) => x.parent.clone(),
-                        None => split_caret(bm_name).1.map(str::to_string),
+                        None => r.parent.clone(),
                     },
                     creation_time: xml.and_then(|x| x.creation_time),
                     dir_name: String::new(),
@@ -191,9 +209,10 @@ impl Model {
         };
         let mut all = Vec::new();
         let metadata_rank = opts.metadata.as_ref().map(|m| metadata_order(m));
+        let images = qcow2_images(&chain);
         for li in (0..n).rev() {
             // Internal snapshots of this layer, by creation time.
-            if let Some(q) = chain.layers[li].qcow2() {
+            if let Some(q) = &images[li] {
                 let mut snaps: Vec<usize> = (0..q.snapshots.len()).collect();
                 snaps.sort_by_key(|&i| {
                     (
@@ -211,6 +230,7 @@ impl Model {
                         invalid: None,
                         sources: vec![Source::SnapshotDiff {
                             layer: li,
+                            image: q.clone(),
                             snapshot: si,
                         }],
                         disk: Some(Disk::new(chain.clone(), li, Table::Snapshot(si))),
@@ -288,22 +308,21 @@ impl Model {
             .map(|c| (c.name.clone(), c.kind))
             .collect();
         // A bitmap's checkpoint part -> the checkpoint name the model uses for it.
-        let ckpt_of = |layer: usize, bi: usize| -> String {
-            let bn = &chain.layers[layer].qcow2().expect("qcow2").bitmaps()[bi]
-                .entry
-                .name;
-            let key = split_caret(bn).0;
+        let ckpt_of = |bitmap_name: &str| -> String {
+            let key = split_caret(bitmap_name).0;
             alias.get(key).cloned().unwrap_or_else(|| key.to_string())
         };
+        let images = qcow2_images(&chain);
         // Resolve, per layer, the checkpoint name of every bitmap.
-        let per_layer: Vec<Vec<(usize, String)>> = chain
-            .layers
+        let per_layer: Vec<Vec<(usize, String)>> = images
             .iter()
-            .enumerate()
-            .map(|(li, l)| match l.qcow2() {
-                Some(q) => (0..q.bitmaps().len())
-                    .filter(|&bi| !q.bitmaps()[bi].removed)
-                    .map(|bi| (bi, ckpt_of(li, bi)))
+            .map(|q| match q {
+                Some(q) => q
+                    .bitmaps()
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, b)| !b.removed)
+                    .map(|(bi, b)| (bi, ckpt_of(&b.entry.name)))
                     .collect(),
                 None => Vec::new(),
             })
@@ -336,44 +355,48 @@ impl Model {
                     || per_layer[li].iter().any(|(_, n)| {
                         later.contains(n.as_str()) && per_layer[li + 1].iter().any(|(_, m)| m == n)
                     });
-                if !continued {
-                    needs.push(Source::Allocation { layer: li });
-                    sources.push(Source::Allocation { layer: li });
-                    continue;
-                }
-                let q = chain.layers[li].qcow2().expect("bitmaps live in qcow2");
+                // Only a qcow2 layer holds bitmaps, so a continued layer is one.
+                let q = match &images[li] {
+                    Some(q) if continued => q,
+                    _ => {
+                        needs.push(Source::Allocation { layer: li });
+                        sources.push(Source::Allocation { layer: li });
+                        continue;
+                    }
+                };
+                let bitmaps = q.bitmaps();
                 let own_enabled = per_layer[li].iter().find(|(bi, n)| {
                     *n == names[ci].0
-                        && q.bitmaps()[*bi].entry.auto()
-                        && q.bitmaps()[*bi].distrust.is_none()
+                        && bitmaps[*bi].entry.auto()
+                        && bitmaps[*bi].distrust.is_none()
                 });
-                let all: Vec<Source> = here
-                    .iter()
-                    .map(|&bi| Source::Bitmap {
-                        layer: li,
-                        bitmap: bi,
-                    })
-                    .collect();
+                let bitmap = |bi: usize| Source::Bitmap {
+                    layer: li,
+                    image: q.clone(),
+                    bitmap: bi,
+                };
+                let all: Vec<Source> = here.iter().map(|&bi| bitmap(bi)).collect();
                 match own_enabled {
                     Some(&(bi, _))
                         if li == low
                             || per_layer[li + 1].iter().any(|(_, m)| *m == names[ci].0) =>
                     {
-                        sources.push(Source::Bitmap {
-                            layer: li,
-                            bitmap: bi,
-                        })
+                        sources.push(bitmap(bi))
                     }
-                    _ => sources.extend(all.iter().copied()),
+                    _ => sources.extend(all.iter().cloned()),
                 }
                 needs.extend(all);
             }
             let mut gran = u64::MAX;
             let mut invalid = None;
             for s in &needs {
-                match *s {
-                    Source::Bitmap { layer, bitmap } => {
-                        let b = &chain.layers[layer].qcow2().expect("qcow2").bitmaps()[bitmap];
+                match s {
+                    Source::Bitmap {
+                        layer,
+                        image,
+                        bitmap,
+                    } => {
+                        let b = &image.bitmaps()[*bitmap];
                         gran = gran.min(b.entry.granularity());
                         if invalid.is_none() {
                             invalid = b.distrust.clone().map(|r| {
@@ -381,16 +404,16 @@ impl Model {
                                     format!(
                                         "{}: the image is live (a running QEMU holds it), so its \
                                          bitmaps are in use; only layer and snapshot checkpoints are valid",
-                                        chain.layers[layer].path.display()
+                                        chain.layers[*layer].path.display()
                                     )
                                 } else {
-                                    format!("{}: {r}", chain.layers[layer].path.display())
+                                    format!("{}: {r}", chain.layers[*layer].path.display())
                                 }
                             });
                         }
                     }
                     Source::Allocation { layer } => {
-                        gran = gran.min(chain.layers[layer].alloc_unit().max(512))
+                        gran = gran.min(chain.layers[*layer].alloc_unit().max(512))
                     }
                     Source::SnapshotDiff { .. } => {}
                 }
@@ -398,12 +421,10 @@ impl Model {
             // Allocation terms never refine a bitmap checkpoint's granularity below its bitmaps'.
             let bitmap_gran = sources
                 .iter()
-                .filter_map(|s| match *s {
-                    Source::Bitmap { layer, bitmap } => Some(
-                        chain.layers[layer].qcow2().expect("qcow2").bitmaps()[bitmap]
-                            .entry
-                            .granularity(),
-                    ),
+                .filter_map(|s| match s {
+                    Source::Bitmap { image, bitmap, .. } => {
+                        Some(image.bitmaps()[*bitmap].entry.granularity())
+                    }
                     _ => None,
                 })
                 .min();

@@ -79,19 +79,27 @@ pub fn checkpoint_json(e: &Engine, ci: usize, detail: bool) -> Value {
         let sources: Vec<Value> = c
             .sources
             .iter()
-            .map(|s| match *s {
-                Source::Bitmap { layer, bitmap } => {
-                    let b = &m.chain.layers[layer].qcow2().expect("qcow2").bitmaps()[bitmap].entry;
-                    json!({"type": "bitmap", "layer": layer_name(&m.chain, layer),
-                           "file": m.chain.layers[layer].path.display().to_string(),
+            .map(|s| match s {
+                Source::Bitmap {
+                    layer,
+                    image,
+                    bitmap,
+                } => {
+                    let b = &image.bitmaps()[*bitmap].entry;
+                    json!({"type": "bitmap", "layer": layer_name(&m.chain, *layer),
+                           "file": m.chain.layers[*layer].path.display().to_string(),
                            "bitmap": b.name, "granularity": b.granularity(), "enabled": b.auto(),
                            "in_use": b.in_use()})
                 }
-                Source::Allocation { layer } => json!({"type": "allocation", "layer": layer_name(&m.chain, layer),
-                           "file": m.chain.layers[layer].path.display().to_string()}),
-                Source::SnapshotDiff { layer, snapshot } => {
-                    let s = &m.chain.layers[layer].qcow2().expect("qcow2").snapshots[snapshot];
-                    json!({"type": "snapshot-diff", "layer": layer_name(&m.chain, layer), "snapshot": s.entry.name})
+                Source::Allocation { layer } => json!({"type": "allocation", "layer": layer_name(&m.chain, *layer),
+                           "file": m.chain.layers[*layer].path.display().to_string()}),
+                Source::SnapshotDiff {
+                    layer,
+                    image,
+                    snapshot,
+                } => {
+                    let s = &image.snapshots[*snapshot];
+                    json!({"type": "snapshot-diff", "layer": layer_name(&m.chain, *layer), "snapshot": s.entry.name})
                 }
             })
             .collect();

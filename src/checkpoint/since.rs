@@ -44,15 +44,12 @@ pub fn compute_chunk(chain: &Chain, c: &Checkpoint, total_blocks: u64, chunk: u6
         return Ok(bits);
     }
     for s in &c.sources {
-        match *s {
-            Source::Bitmap { layer, bitmap } => {
-                let q = chain.layers[layer]
-                    .qcow2()
-                    .expect("bitmap sources are qcow2");
-                add_bitmap(q, bitmap, g, b0, b1, &mut bits)?;
+        match s {
+            Source::Bitmap { image, bitmap, .. } => {
+                add_bitmap(image, *bitmap, g, b0, b1, &mut bits)?;
             }
             Source::Allocation { layer } => {
-                let l = &chain.layers[layer];
+                let l = &chain.layers[*layer];
                 let end = (b1 * g).min(l.size(Table::Active));
                 let mut off = b0 * g;
                 if off >= end {
@@ -82,9 +79,10 @@ pub fn compute_chunk(chain: &Chain, c: &Checkpoint, total_blocks: u64, chunk: u6
                     }
                 }
             }
-            Source::SnapshotDiff { layer, snapshot } => {
-                let q = chain.layers[layer].qcow2().expect("snapshots are qcow2");
-                add_snapshot_diff(q, snapshot, g, b0, b1, &mut bits)?;
+            Source::SnapshotDiff {
+                image, snapshot, ..
+            } => {
+                add_snapshot_diff(image, *snapshot, g, b0, b1, &mut bits)?;
             }
         }
     }
