@@ -1026,6 +1026,32 @@ pub fn qemu_bitmaps(image: &Path, force_share: bool) -> Vec<BitmapInfo> {
         .unwrap_or_default()
 }
 
+/// (name, flags) of each bitmap of `image`; -U: also while ckptfs holds its write locks.
+pub fn bitmap_flags(image: &Path) -> Vec<(String, Vec<String>)> {
+    qemu_bitmaps(image, true)
+        .into_iter()
+        .map(|b| (b.name, b.flags))
+        .collect()
+}
+
+/// Every bitmap of `image` stored after a clean stop: there is one at least and none is
+/// flagged in-use (read with -U, so also while something still holds the image's locks).
+pub fn assert_bitmaps_stored(image: &Path, what: &str) {
+    let list = bitmap_flags(image);
+    assert!(
+        !list.is_empty(),
+        "{what}: {} has no bitmaps",
+        image.display()
+    );
+    for (name, flags) in &list {
+        assert!(
+            !flags.iter().any(|f| f == "in-use"),
+            "{what}: bitmap {name} of {} still in use after a clean stop: {list:?}",
+            image.display()
+        );
+    }
+}
+
 /// qemu-storage-daemon exporting `image` writable over NBD on DIR/TAG.sock: its guard and
 /// how its start went.
 pub fn start_writer(d: &Path, image: &Path, tag: &str) -> (PidFileDaemon, Ran) {

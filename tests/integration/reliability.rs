@@ -38,31 +38,6 @@ use std::time::{Duration, Instant};
 const K: u64 = 1024;
 const M: u64 = 1 << 20;
 
-/// (name, flags) of every bitmap of `image` (`qemu-img info --output=json`).
-fn bitmap_flags(image: &Path) -> Vec<(String, Vec<String>)> {
-    // -U: also while ckptfs holds the image's write locks.
-    qemu_bitmaps(image, true)
-        .into_iter()
-        .map(|b| (b.name, b.flags))
-        .collect()
-}
-
-fn assert_bitmaps_stored(image: &Path, what: &str) {
-    let list = bitmap_flags(image);
-    assert!(
-        !list.is_empty(),
-        "{what}: {} has no bitmaps",
-        image.display()
-    );
-    for (name, flags) in &list {
-        assert!(
-            !flags.iter().any(|f| f == "in-use"),
-            "{what}: bitmap {name} of {} still in use after a clean unmount: {list:?}",
-            image.display()
-        );
-    }
-}
-
 fn fallocate(f: &File, mode: i32, off: u64, len: u64) -> std::io::Result<()> {
     // SAFETY: fallocate(2) on an fd owned by `f`.
     let r = unsafe { libc::fallocate(f.as_raw_fd(), mode, off as libc::off_t, len as libc::off_t) };
@@ -1124,12 +1099,13 @@ fn perm_fixture() -> (tempfile::TempDir, PathBuf) {
     let t = tempdir();
     let d = t.path();
     std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
-    create(d, "base.qcow2", "4M", "", None);
-    qemu_io(d, "base.qcow2", &["write -P 0x31 0 4M"]);
-    create(d, "top.qcow2", "", "", Some(("base.qcow2", "qcow2")));
-    qemu_img(d, &["bitmap", "--add", "top.qcow2", "c1"]);
-    qemu_io(d, "top.qcow2", &["write -P 0x32 1M 64k"]);
-    let top = d.join("top.qcow2");
+    let top = common::c1_chain(
+        d,
+        ["base.qcow2", "top.qcow2"],
+        "4M",
+        &["write -P 0x31 0 4M"],
+        &["write -P 0x32 1M 64k"],
+    );
     (t, top)
 }
 
@@ -1274,12 +1250,13 @@ fn permissions_allow_other_alone_keeps_private_image_private() {
 
 fn unmount_fixture() -> (tempfile::TempDir, PathBuf) {
     let t = tempdir();
-    let d = t.path();
-    create(d, "base.qcow2", "8M", "", None);
-    qemu_io(d, "base.qcow2", &["write -P 0x41 0 8M"]);
-    create(d, "top.qcow2", "", "", Some(("base.qcow2", "qcow2")));
-    qemu_img(d, &["bitmap", "--add", "top.qcow2", "c1"]);
-    let top = d.join("top.qcow2");
+    let top = common::c1_chain(
+        t.path(),
+        ["base.qcow2", "top.qcow2"],
+        "8M",
+        &["write -P 0x41 0 8M"],
+        &[],
+    );
     (t, top)
 }
 

@@ -10,7 +10,7 @@
 //! Harness rules (see `mountutil`): every mount is owned by a guard, every wait is bounded,
 //! only processes these tests started are signalled, by PID.
 
-use crate::common::{self, create, qemu_img, qemu_io, tempdir};
+use crate::common::{self, qemu_io, tempdir};
 use crate::mountutil::*;
 use std::ffi::OsStr;
 use std::fs::OpenOptions;
@@ -27,13 +27,13 @@ const M: usize = 1 << 20;
 /// A base of 0x41 and a top with bitmap c1 and some data of its own.
 fn fixture() -> (tempfile::TempDir, PathBuf) {
     let t = tempdir();
-    let d = t.path();
-    create(d, "base.qcow2", "8M", "", None);
-    qemu_io(d, "base.qcow2", &["write -P 0x41 0 8M"]);
-    create(d, "top.qcow2", "", "", Some(("base.qcow2", "qcow2")));
-    qemu_img(d, &["bitmap", "--add", "top.qcow2", "c1"]);
-    qemu_io(d, "top.qcow2", &["write -P 0x42 1M 64k"]);
-    let top = d.join("top.qcow2");
+    let top = common::c1_chain(
+        t.path(),
+        ["base.qcow2", "top.qcow2"],
+        "8M",
+        &["write -P 0x41 0 8M"],
+        &["write -P 0x42 1M 64k"],
+    );
     (t, top)
 }
 
@@ -188,18 +188,6 @@ fn assert_running(pid: i32, what: &str) {
     );
 }
 
-fn assert_no_bitmap_in_use(image: &Path, what: &str) {
-    let list = qemu_bitmaps(image, true);
-    assert!(!list.is_empty(), "{what}: no bitmaps");
-    for b in &list {
-        assert!(
-            !b.flags.iter().any(|f| f == "in-use"),
-            "{what}: bitmap {} still in use: {list:?}",
-            b.name
-        );
-    }
-}
-
 /// `findmnt -n -o FSTYPE DIR`.
 fn findmnt_type(dir: &Path) -> String {
     let out = common::run(
@@ -306,7 +294,7 @@ fn sigterm_busy_rw_daemon_serves_holders_and_stores_bitmaps() {
     );
     drop(mnt);
 
-    assert_no_bitmap_in_use(&top, "rw after SIGTERM");
+    assert_bitmaps_stored(&top, "rw after SIGTERM");
     assert_check_clean(&top, "rw after SIGTERM");
     let raw = d.join("model.raw");
     std::fs::write(&raw, &model).unwrap();
@@ -353,7 +341,7 @@ fn second_signal_stops_at_once_with_bitmaps_stored() {
     );
     assert!(a.finish().success());
     drop(mnt);
-    assert_no_bitmap_in_use(&top, "after a second signal");
+    assert_bitmaps_stored(&top, "after a second signal");
     assert_check_clean(&top, "after a second signal");
     let raw = d.join("model.raw");
     std::fs::write(&raw, &model).unwrap();
@@ -434,7 +422,7 @@ fn signal_while_starting(d: &Path, top: &Path, n: usize, delay: Duration, foregr
         "{what}: a daemon was left"
     );
     assert!(!is_mounted(&dir), "{what}: left mounted");
-    assert_no_bitmap_in_use(top, &what);
+    assert_bitmaps_stored(top, &what);
 }
 
 #[test]
@@ -508,16 +496,18 @@ fn unprivileged_mount_type_and_signals() {
     std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
     let u = d.join("u");
     std::fs::create_dir(&u).unwrap();
-    create(&u, "base.qcow2", "8M", "", None);
-    qemu_io(&u, "base.qcow2", &["write -P 0x41 0 8M"]);
-    create(&u, "top.qcow2", "", "", Some(("base.qcow2", "qcow2")));
-    qemu_img(&u, &["bitmap", "--add", "top.qcow2", "c1"]);
+    let top = common::c1_chain(
+        &u,
+        ["base.qcow2", "top.qcow2"],
+        "8M",
+        &["write -P 0x41 0 8M"],
+        &[],
+    );
     let mnt = mount_dir(&u, "mnt");
     common::run(
         "chown",
         &[OsStr::new("-R"), OsStr::new("nobody"), u.as_os_str()],
     );
-    let top = u.join("top.qcow2");
     // Reaps the daemon (by PID) if an assert fails.
     let _guard = Mount::adopt(&mnt);
     let script = r#"
@@ -565,6 +555,6 @@ fn unprivileged_mount_type_and_signals() {
         "the holder after the forced stop: {got:?}"
     );
     assert!(h.finish().success());
-    assert_no_bitmap_in_use(&top, "unprivileged, after two signals");
+    assert_bitmaps_stored(&top, "unprivileged, after two signals");
     assert_check_clean(&top, "unprivileged, after two signals");
 }

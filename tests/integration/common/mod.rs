@@ -110,6 +110,27 @@ pub fn create(dir: &Path, name: &str, size: &str, opts: &str, backing: Option<(&
     qemu_img(dir, &args);
 }
 
+/// `base` (`size`, then the qemu-io commands `base_io`) <- `top` with bitmap c1, then `top_io`
+/// on the top, in `dir`: the chain most mount tests start from. Returns the top's path.
+pub fn c1_chain(
+    dir: &Path,
+    [base, top]: [&str; 2],
+    size: &str,
+    base_io: &[&str],
+    top_io: &[&str],
+) -> PathBuf {
+    create(dir, base, size, "", None);
+    if !base_io.is_empty() {
+        qemu_io(dir, base, base_io);
+    }
+    create(dir, top, "", "", Some((base, "qcow2")));
+    qemu_img(dir, &["bitmap", "--add", top, "c1"]);
+    if !top_io.is_empty() {
+        qemu_io(dir, top, top_io);
+    }
+    dir.join(top)
+}
+
 /// Ground truth: `qemu-img convert -O raw IMAGE` (the whole chain, IMAGE's virtual size).
 pub fn truth_raw(image: &Path) -> Vec<u8> {
     truth_raw_args(image, &[])
