@@ -101,6 +101,13 @@ impl Holder {
         writeln!(w, "{cmd}").unwrap_or_else(|e| panic!("{}: write: {e}", self.what));
     }
 
+    /// A `file_holder`'s `read OUT`: it succeeds and OUT holds `want`.
+    fn assert_reads(&mut self, out: &Path, want: &[u8], what: &str) {
+        self.say(&format!("read {}", s(out)));
+        self.expect("read 0 ");
+        common::assert_same(&std::fs::read(out).unwrap(), want, 0, what);
+    }
+
     /// Close its stdin (its last `read` ends the script) and wait for it to exit.
     fn finish(mut self) -> ExitStatus {
         self.stdin = None;
@@ -225,13 +232,9 @@ fn sigterm_busy_ro_detaches_and_exits_after_the_last_user() {
     signal(pid, libc::SIGTERM);
     wait_unmounted(&mnt.dir, "SIGTERM");
     assert_running(pid, "after SIGTERM, two holders");
-    let out = d.join("a.out");
-    a.say(&format!("read {}", s(&out)));
-    a.expect("read 0 ");
-    common::assert_same(
-        &std::fs::read(&out).unwrap(),
+    a.assert_reads(
+        &d.join("a.out"),
         &truth,
-        0,
         "holder A's open file after the detach",
     );
     assert!(a.finish().success());
@@ -276,13 +279,9 @@ fn sigterm_busy_rw_daemon_serves_holders_and_stores_bitmaps() {
     a.say(&format!("write {off} {text}"));
     a.expect("write 0");
     model[off..off + text.len()].copy_from_slice(text.as_bytes());
-    let out = d.join("a.out");
-    a.say(&format!("read {}", s(&out)));
-    a.expect("read 0 ");
-    common::assert_same(
-        &std::fs::read(&out).unwrap(),
+    a.assert_reads(
+        &d.join("a.out"),
         &model,
-        0,
         "holder A reads the disk after the detach",
     );
     assert!(a.finish().success());
