@@ -87,9 +87,15 @@ fn write_disk(m: &Mount, off: u64, data: Vec<u8>) -> std::io::Result<()> {
     })
 }
 
-/// The same write on the twin, through qemu-io (a repeated byte).
-fn twin_write(dir: &Path, twin: &str, off: u64, len: u64, byte: u8) {
-    qemu_io(dir, twin, &[&format!("write -P {byte:#x} {off} {len}")]);
+/// The same writes on the twin DIR/twin.qcow2, through qemu-io: (offset, length, byte).
+fn twin_writes(dir: &Path, writes: &[(u64, u64, u8)]) {
+    for &(off, len, byte) in writes {
+        qemu_io(
+            dir,
+            "twin.qcow2",
+            &[&format!("write -P {byte:#x} {off} {len}")],
+        );
+    }
 }
 
 /// While mounted, QEMU cannot open the device for writing: the lock bytes hold on a device.
@@ -194,7 +200,7 @@ fn raw_base_on_a_loop_device_ro_and_rw() {
         write_disk(&m, at, vec![0xa5; 8]).expect("8-byte write into a backing-only cluster");
         m.unmount();
     }
-    twin_write(dir, "twin.qcow2", at, 8, 0xa5);
+    twin_writes(dir, &[(at, 8, 0xa5)]);
     assert_same_qcow2(&ov, &twin, "overlay written through ckptfs vs qemu-io twin");
     assert_check_clean(&ov, "overlay on a raw device after a write");
     assert!(
@@ -261,9 +267,7 @@ fn qcow2_top_on_a_loop_device_ro_and_rw() {
         }
         m.unmount();
     }
-    for &(off, n, b) in &writes {
-        twin_write(dir, "twin.qcow2", off, n, b);
-    }
+    twin_writes(dir, &writes);
     assert_same_qcow2(
         lo.path(),
         &twin,
@@ -326,9 +330,7 @@ fn qcow2_on_a_full_device_answers_enospc() {
         );
     }
     m.unmount();
-    for &(off, n, b) in &done {
-        twin_write(dir, "twin.qcow2", off, n, b);
-    }
+    twin_writes(dir, &done);
     assert_same_qcow2(
         lo.path(),
         &twin,
