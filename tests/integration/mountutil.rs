@@ -973,6 +973,13 @@ pub fn assert_check_clean(image: &Path, what: &str) {
     );
 }
 
+/// ckptfs has let go of `image`: QEMU may write it (no lock is left) and it still checks clean.
+pub fn assert_released(image: &Path, what: &str) {
+    let dir = image.parent().expect("image in a directory");
+    common::qemu_io(dir, s(image), &["write -P 0x12 0 4k"]);
+    assert_check_clean(image, what);
+}
+
 /// `qemu-img compare A B` (formats probed): must say identical.
 pub fn assert_identical(a: &Path, b: &Path, what: &str) {
     let r = run_files(
@@ -1136,6 +1143,16 @@ pub fn expect_refusal(image: &Path, dir: &Path, opts: Option<&str>, needles: &[&
         dir.display()
     );
     msg
+}
+
+/// `image` holds exactly `model`: written as model.raw beside the image, then compared.
+pub fn assert_image_equals_model(model: &[u8], image: &Path, what: &str) {
+    let raw = image
+        .parent()
+        .expect("image in a directory")
+        .join("model.raw");
+    std::fs::write(&raw, model).unwrap_or_else(|e| panic!("write {}: {e}", raw.display()));
+    assert_image_equals_raw(&raw, image, what);
 }
 
 /// `qemu-img compare -f raw -F qcow2 RAW IMAGE` must say identical.
