@@ -458,6 +458,19 @@ impl Mount {
         }
     }
 
+    /// `wait_child` (within the access timeout) and assert it exited 0.
+    pub fn wait_child_ok(&mut self, what: &str) {
+        let st = self.wait_child(ACCESS_TIMEOUT);
+        assert!(st.success(), "{what}: {st}");
+    }
+
+    /// Send `sig` to the foreground child (this test's own process, by PID).
+    pub fn signal_child(&self, sig: i32) {
+        let pid = self.child_pid().expect("a foreground mount");
+        // SAFETY: kill(2) of the ckptfs -f child this test started.
+        unsafe { libc::kill(pid, sig) };
+    }
+
     /// Unmount with `fusermount3 -u` now, asserting it worked and the daemon ended by itself.
     pub fn unmount(mut self) {
         let r = run_files(

@@ -1316,8 +1316,7 @@ fn unmount_busy_then_lazy() {
         "the daemon exited while a file was still open"
     );
     timed("close", move || drop(f));
-    let st = mnt.wait_child(ACCESS_TIMEOUT);
-    assert!(st.success(), "daemon after the last close: {st}");
+    mnt.wait_child_ok("daemon after the last close");
     drop(mnt);
 
     assert_check_clean(&top, "after umount -l");
@@ -1334,11 +1333,8 @@ fn unmount_sigterm_ro_exits_zero() {
     let mut mnt = Mount::foreground(&top, &mount_dir(d, "mnt"), None, &d.join("log"));
     let got = read(&mnt.path("current/disk.img"));
     assert_eq!(got.len() as u64, 8 * M);
-    let pid = mnt.child_pid().unwrap();
-    // SAFETY: kill(2) of the ckptfs -f child this test started.
-    unsafe { libc::kill(pid, libc::SIGTERM) };
-    let st = mnt.wait_child(ACCESS_TIMEOUT);
-    assert!(st.success(), "ckptfs -f after SIGTERM: {st}");
+    mnt.signal_child(libc::SIGTERM);
+    mnt.wait_child_ok("ckptfs -f after SIGTERM");
     assert!(!is_mounted(&mnt.dir), "still mounted after SIGTERM");
     assert!(ckptfs_pids_for(&mnt.dir).is_empty(), "a daemon is left");
     drop(mnt);
@@ -1365,11 +1361,8 @@ fn unmount_sigterm_rw_stores_bitmaps() {
         in_use.iter().all(|(_, f)| f.iter().any(|x| x == "in-use")),
         "bitmaps should be in use while mounted rw: {in_use:?}"
     );
-    let pid = mnt.child_pid().unwrap();
-    // SAFETY: kill(2) of the ckptfs -f child this test started.
-    unsafe { libc::kill(pid, libc::SIGTERM) };
-    let st = mnt.wait_child(ACCESS_TIMEOUT);
-    assert!(st.success(), "ckptfs -f -o rw after SIGTERM: {st}");
+    mnt.signal_child(libc::SIGTERM);
+    mnt.wait_child_ok("ckptfs -f -o rw after SIGTERM");
     assert!(!is_mounted(&mnt.dir), "still mounted after SIGTERM");
     drop(mnt);
     assert_bitmaps_stored(&top, "rw SIGTERM");

@@ -862,11 +862,8 @@ fn sigterm_is_a_clean_unmount() {
             f.sync_all().unwrap();
         });
     }
-    let pid = mnt.child_pid().unwrap();
-    // SAFETY: kill(2) of the ckptfs -f child this test started.
-    unsafe { libc::kill(pid, libc::SIGTERM) };
-    let st = mnt.wait_child(ACCESS_TIMEOUT);
-    assert!(st.success(), "ckptfs -f after SIGTERM: {st}");
+    mnt.signal_child(libc::SIGTERM);
+    mnt.wait_child_ok("ckptfs -f after SIGTERM");
     assert!(!is_mounted(&mnt.dir), "still mounted after SIGTERM");
     drop(mnt);
     assert_check_clean(&top, "SIGTERM");

@@ -240,8 +240,7 @@ fn sigterm_busy_ro_detaches_and_exits_after_the_last_user() {
     assert!(a.finish().success());
     assert_running(pid, "holder B still in c1/");
     assert!(b.finish().success());
-    let st = mnt.wait_child(ACCESS_TIMEOUT);
-    assert!(st.success(), "ckptfs -f after the last user left: {st}");
+    mnt.wait_child_ok("ckptfs -f after the last user left");
     drop(mnt);
     // The locks are gone: QEMU may write.
     assert_released(&top, "ro after SIGTERM");
@@ -325,8 +324,7 @@ fn second_signal_stops_at_once_with_bitmaps_stored() {
     wait_unmounted(&mnt.dir, "SIGHUP");
     assert_running(pid, "after SIGHUP, one holder");
     signal(pid, libc::SIGINT);
-    let st = mnt.wait_child(ACCESS_TIMEOUT);
-    assert!(st.success(), "ckptfs -f after a second signal: {st}");
+    mnt.wait_child_ok("ckptfs -f after a second signal");
     // The holder's file is dead now, not silently empty.
     let out = d.join("a.out");
     a.say(&format!("read {}", s(&out)));
@@ -456,8 +454,7 @@ fn a_mount_made_on_the_path_after_a_detach_survives_the_daemon() {
     assert_eq!(findmnt_type(&mnt.dir), "tmpfs");
     assert_running(pid, "holder in the detached mount");
     assert!(b.finish().success());
-    let st = mnt.wait_child(ACCESS_TIMEOUT);
-    assert!(st.success(), "ckptfs -f after the last user left: {st}");
+    mnt.wait_child_ok("ckptfs -f after the last user left");
     let after = mount_type(&mnt.dir);
     // The guard unmounts the tmpfs too.
     drop(mnt);
