@@ -333,6 +333,17 @@ fn check_domain_after(env: &Env, lv: &Libvirt, repo: &str) {
     );
 }
 
+/// An incremental of the domain into `repo` after a run that died mid-commit: it first
+/// finishes that block commit, and says so.
+fn inc_finishing_commit(env: &Env, repo: &str) {
+    let r = env.ok("ckptfs-backup", &["inc", "--domain", DOM, repo]);
+    assert!(
+        r.stderr.contains("finishing the block commit"),
+        "{}",
+        r.stderr
+    );
+}
+
 /// The whole loop on a running domain.
 #[test]
 fn live_backup_loop() {
@@ -511,12 +522,7 @@ fn live_backup_failures_recover() {
         "the killed run left the domain on its overlay: {src:?}"
     );
     g.io(&["write -P 0x62 60M 64k"]);
-    let r = env.ok("ckptfs-backup", &["inc", "--domain", DOM, "small"]);
-    assert!(
-        r.stderr.contains("finishing the block commit"),
-        "{}",
-        r.stderr
-    );
+    inc_finishing_commit(&env, "small");
     g.truth("t3.raw");
     assert_eq!(
         lv.sources(),
@@ -575,12 +581,7 @@ exec virsh "$@"
     env.vars.borrow_mut().pop();
     assert_eq!(backup::backups(&env, "small").len(), 5);
     assert!(lv.sources()[0].ends_with(".ckptfs-backup.qcow2"));
-    let r = env.ok("ckptfs-backup", &["inc", "--domain", DOM, "small"]);
-    assert!(
-        r.stderr.contains("finishing the block commit"),
-        "{}",
-        r.stderr
-    );
+    inc_finishing_commit(&env, "small");
     g.truth("t6.raw");
 
     backup::check_history(

@@ -195,6 +195,21 @@ fn assert_running(pid: i32, what: &str) {
     );
 }
 
+/// SIGTERM to the daemon `pid` of the busy mount on `dir`, held by two holders: it detaches
+/// and keeps serving.
+fn sigterm_detaches(pid: i32, dir: &Path) {
+    signal(pid, libc::SIGTERM);
+    wait_unmounted(dir, "SIGTERM");
+    assert_running(pid, "after SIGTERM, two holders");
+}
+
+/// Holder `a` leaves, the daemon `pid` stays for `b` (`what`), then `b` leaves.
+fn leave_in_turn(a: Holder, b: Holder, pid: i32, what: &str) {
+    assert!(a.finish().success());
+    assert_running(pid, what);
+    assert!(b.finish().success());
+}
+
 /// `findmnt -n -o FSTYPE DIR`.
 fn findmnt_type(dir: &Path) -> String {
     let out = common::run(
@@ -229,17 +244,13 @@ fn sigterm_busy_ro_detaches_and_exits_after_the_last_user() {
     let mut a = file_holder("holder A", &mnt.path("current"), "disk.img", false);
     let b = cwd_holder("holder B", &mnt.path("c1"));
 
-    signal(pid, libc::SIGTERM);
-    wait_unmounted(&mnt.dir, "SIGTERM");
-    assert_running(pid, "after SIGTERM, two holders");
+    sigterm_detaches(pid, &mnt.dir);
     a.assert_reads(
         &d.join("a.out"),
         &truth,
         "holder A's open file after the detach",
     );
-    assert!(a.finish().success());
-    assert_running(pid, "holder B still in c1/");
-    assert!(b.finish().success());
+    leave_in_turn(a, b, pid, "holder B still in c1/");
     mnt.wait_child_ok("ckptfs -f after the last user left");
     drop(mnt);
     // The locks are gone: QEMU may write.
@@ -268,9 +279,7 @@ fn sigterm_busy_rw_daemon_serves_holders_and_stores_bitmaps() {
     let mut a = file_holder("holder A", &mnt.path("current"), "disk.img", true);
     let b = cwd_holder("holder B", &mnt.dir);
 
-    signal(pid, libc::SIGTERM);
-    wait_unmounted(&mnt.dir, "SIGTERM");
-    assert_running(pid, "after SIGTERM, two holders");
+    sigterm_detaches(pid, &mnt.dir);
     // A write after the detach, by a name relative to the cwd inside the mount.
     let text = "written-after-the-detach";
     let off = 5 * M + 3;
@@ -282,9 +291,7 @@ fn sigterm_busy_rw_daemon_serves_holders_and_stores_bitmaps() {
         &model,
         "holder A reads the disk after the detach",
     );
-    assert!(a.finish().success());
-    assert_running(pid, "holder B still in the root");
-    assert!(b.finish().success());
+    leave_in_turn(a, b, pid, "holder B still in the root");
     assert!(
         wait_pid_gone(pid, ACCESS_TIMEOUT),
         "the daemon did not exit after the last user left"
