@@ -125,20 +125,7 @@ fn assert_qemu_locked_out(dev: &Path, fmt: &str) {
 
 /// `qemu-img compare -f qcow2 -F qcow2 A B` must say identical.
 fn assert_same_qcow2(a: &Path, b: &Path, what: &str) {
-    let r = run_files(
-        None,
-        "qemu-img",
-        &[
-            OsStr::new("compare"),
-            OsStr::new("-f"),
-            OsStr::new("qcow2"),
-            OsStr::new("-F"),
-            OsStr::new("qcow2"),
-            a.as_os_str(),
-            b.as_os_str(),
-        ],
-    );
-    assert_eq!(r.code, Some(0), "{what}: {}{}", r.stdout, r.stderr);
+    assert_images_equal((a, "qcow2"), (b, "qcow2"), what);
 }
 
 #[test]

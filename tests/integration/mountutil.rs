@@ -1170,25 +1170,30 @@ pub fn assert_image_equals_model(model: &[u8], image: &Path, what: &str) {
 
 /// `qemu-img compare -f raw -F qcow2 RAW IMAGE` must say identical.
 pub fn assert_image_equals_raw(raw: &Path, image: &Path, what: &str) {
+    assert_images_equal((raw, "raw"), (image, "qcow2"), what);
+}
+
+/// `qemu-img compare -f FMT_A -F FMT_B A B` must say identical.
+pub fn assert_images_equal((a, fa): (&Path, &str), (b, fb): (&Path, &str), what: &str) {
     let r = run_files(
         None,
         "qemu-img",
         &[
             OsStr::new("compare"),
             OsStr::new("-f"),
-            OsStr::new("raw"),
+            OsStr::new(fa),
             OsStr::new("-F"),
-            OsStr::new("qcow2"),
-            raw.as_os_str(),
-            image.as_os_str(),
+            OsStr::new(fb),
+            a.as_os_str(),
+            b.as_os_str(),
         ],
     );
     assert_eq!(
         r.code,
         Some(0),
         "{what}: qemu-img compare {} {}: {}{}",
-        raw.display(),
-        image.display(),
+        a.display(),
+        b.display(),
         r.stdout,
         r.stderr
     );
