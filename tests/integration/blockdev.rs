@@ -87,8 +87,9 @@ fn write_disk(m: &Mount, off: u64, data: Vec<u8>) -> std::io::Result<()> {
     })
 }
 
-/// The same writes on the twin DIR/twin.qcow2, through qemu-io: (offset, length, byte).
-fn twin_writes(dir: &Path, writes: &[(u64, u64, u8)]) {
+/// `image` (qcow2) equals the twin DIR/twin.qcow2 once the same `writes` (offset, length,
+/// byte) are replayed on the twin through qemu-io.
+fn assert_matches_twin(dir: &Path, image: &Path, writes: &[(u64, u64, u8)], what: &str) {
     for &(off, len, byte) in writes {
         qemu_io(
             dir,
@@ -96,6 +97,8 @@ fn twin_writes(dir: &Path, writes: &[(u64, u64, u8)]) {
             &[&format!("write -P {byte:#x} {off} {len}")],
         );
     }
+    let twin = dir.join("twin.qcow2");
+    assert_images_equal((image, "qcow2"), (&twin, "qcow2"), what);
 }
 
 /// While mounted, QEMU cannot open the device for writing: the lock bytes hold on a device.
@@ -121,11 +124,6 @@ fn assert_qemu_locked_out(dev: &Path, fmt: &str) {
         "qemu-io should be refused the write lock on mounted {}: {text}",
         dev.display()
     );
-}
-
-/// `qemu-img compare -f qcow2 -F qcow2 A B` must say identical.
-fn assert_same_qcow2(a: &Path, b: &Path, what: &str) {
-    assert_images_equal((a, "qcow2"), (b, "qcow2"), what);
 }
 
 #[test]
@@ -187,8 +185,12 @@ fn raw_base_on_a_loop_device_ro_and_rw() {
         write_disk(&m, at, vec![0xa5; 8]).expect("8-byte write into a backing-only cluster");
         m.unmount();
     }
-    twin_writes(dir, &[(at, 8, 0xa5)]);
-    assert_same_qcow2(&ov, &twin, "overlay written through ckptfs vs qemu-io twin");
+    assert_matches_twin(
+        dir,
+        &ov,
+        &[(at, 8, 0xa5)],
+        "overlay written through ckptfs vs qemu-io twin",
+    );
     assert_check_clean(&ov, "overlay on a raw device after a write");
     assert!(
         std::fs::read(lo.path()).unwrap() == device_bytes,
@@ -254,10 +256,10 @@ fn qcow2_top_on_a_loop_device_ro_and_rw() {
         }
         m.unmount();
     }
-    twin_writes(dir, &writes);
-    assert_same_qcow2(
+    assert_matches_twin(
+        dir,
         lo.path(),
-        &twin,
+        &writes,
         "device top written through ckptfs vs qemu-io twin",
     );
     assert_check_clean(lo.path(), "qcow2 on a device after writes");
@@ -317,10 +319,10 @@ fn qcow2_on_a_full_device_answers_enospc() {
         );
     }
     m.unmount();
-    twin_writes(dir, &done);
-    assert_same_qcow2(
+    assert_matches_twin(
+        dir,
         lo.path(),
-        &twin,
+        &done,
         "full device vs qemu-io twin of the writes that fitted",
     );
     assert_check_clean(lo.path(), "qcow2 on a full device");
