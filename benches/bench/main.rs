@@ -76,6 +76,29 @@ fn df(path: &Path) -> String {
         .unwrap_or_default()
 }
 
+/// The chain `build` makes when `needed`, with a line saying how long it took, what it holds
+/// and how full the work directory's file system is.
+fn build_if(
+    needed: bool,
+    name: &str,
+    work: &Path,
+    build: impl FnOnce() -> Res<Chain>,
+) -> Res<Option<Chain>> {
+    if !needed {
+        return Ok(None);
+    }
+    let t = Instant::now();
+    let c = build()?;
+    println!(
+        "built {name} chain in {:.1} s: {} changed bytes in {} runs since c1; {}",
+        t.elapsed().as_secs_f64(),
+        c.changed_bytes,
+        c.extents,
+        df(work)
+    );
+    Ok(Some(c))
+}
+
 fn main() {
     install_signal_thread();
     let r = std::panic::catch_unwind(real_main);
@@ -143,34 +166,12 @@ fn real_main() -> Res<()> {
 
     let need_main = ["seq", "rand", "cp", "incr"].iter().any(|g| cfg.wants(g)) || cfg.hold;
     let need_big = cfg.wants("meta") || cfg.wants("incr");
-    let t = Instant::now();
-    let main_chain = if need_main {
-        let c = build_main(&cfg, &work.join("main"), &pattern)?;
-        println!(
-            "built main chain in {:.1} s: {} changed bytes in {} runs since c1; {}",
-            t.elapsed().as_secs_f64(),
-            c.changed_bytes,
-            c.extents,
-            df(&work)
-        );
-        Some(c)
-    } else {
-        None
-    };
-    let t = Instant::now();
-    let big_chain = if need_big {
-        let c = build_big(&cfg, &work.join("big"))?;
-        println!(
-            "built big chain in {:.1} s: {} changed bytes in {} runs since c1; {}",
-            t.elapsed().as_secs_f64(),
-            c.changed_bytes,
-            c.extents,
-            df(&work)
-        );
-        Some(c)
-    } else {
-        None
-    };
+    let main_chain = build_if(need_main, "main", &work, || {
+        build_main(&cfg, &work.join("main"), &pattern)
+    })?;
+    let big_chain = build_if(need_big, "big", &work, || {
+        build_big(&cfg, &work.join("big"))
+    })?;
 
     let mut cx = Ctx {
         cfg: &cfg,

@@ -226,6 +226,11 @@ impl Env {
         common::qemu_img(&self.dir, args)
     }
 
+    /// A qcow2 overlay `name` on the qcow2 `backing`, of its size.
+    pub fn overlay(&self, backing: &str, name: &str) {
+        common::create(&self.dir, name, "", "", Some((backing, "qcow2")));
+    }
+
     pub fn qemu_io(&self, image: &str, cmds: &[&str]) {
         common::qemu_io(&self.dir, image, cmds);
     }
@@ -311,17 +316,7 @@ pub fn make_chain(env: &Env) {
         "vda-1.qcow2",
         &["write -P 2 1M 64k", "write -P 0x12 6M 256k"],
     );
-    env.qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "vda-1.qcow2",
-        "-F",
-        "qcow2",
-        "vda-2.qcow2",
-    ]);
+    env.overlay("vda-1.qcow2", "vda-2.qcow2");
     for b in ["c1", "c2", "c3"] {
         env.qemu_img(&["bitmap", "--add", "vda-2.qcow2", b]);
     }
@@ -409,6 +404,16 @@ pub fn check_repo(env: &Env, repo: &str) -> Vec<String> {
         files.push(file);
     }
     files
+}
+
+/// The whole check of `repo` after its backups: backup.json and its files (`check_repo`),
+/// the mounted history against `truths` (a raw truth file a backup, oldest first) and
+/// `ckptfs-backup verify`.
+pub fn check_history(env: &Env, repo: &str, truths: &[&str]) {
+    let files = check_repo(env, repo);
+    let truths: Vec<String> = truths.iter().map(|t| t.to_string()).collect();
+    check_mounted_history(env, repo, &files, &truths);
+    env.ok("ckptfs-backup", &["verify", repo]);
 }
 
 /// `ckptfs REPO/<newest>`: the older backups are layer checkpoints named after their files,
@@ -501,17 +506,7 @@ fn backup_repo_end_to_end() {
     assert!(b[1]["zero_bytes"].as_u64().unwrap() >= 2 << 16, "{}", b[1]);
 
     // libvirt's external snapshot: vda-3 continues every bitmap; more writes.
-    env.qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "vda-2.qcow2",
-        "-F",
-        "qcow2",
-        "vda-3.qcow2",
-    ]);
+    env.overlay("vda-2.qcow2", "vda-3.qcow2");
     for bm in env.bitmaps("vda-2.qcow2") {
         env.qemu_img(&["bitmap", "--add", "vda-3.qcow2", &bm]);
     }
@@ -795,14 +790,7 @@ fn backup_repo_full_recovers() {
     common::run("mount", &["-o", "remount,size=32m", mountutil::s(&repo)]);
     env.ok("ckptfs-backup", &["inc", "d.qcow2", "small"]);
     env.truth("d.qcow2", "t2.raw");
-    let files = check_repo(&env, "small");
-    check_mounted_history(
-        &env,
-        "small",
-        &files,
-        &["t1.raw", "t2.raw"].map(String::from),
-    );
-    env.ok("ckptfs-backup", &["verify", "small"]);
+    check_history(&env, "small", &["t1.raw", "t2.raw"]);
 }
 
 /// Start a script in its own process group and SIGKILL the group (script, dd, ckptfs daemon)
@@ -891,12 +879,5 @@ fn backup_killed_mid_copy_recovers() {
         1,
         "only the next incremental's checkpoint: the dead run's is gone, the old one retired"
     );
-    let files = check_repo(&env, "repo");
-    check_mounted_history(
-        &env,
-        "repo",
-        &files,
-        &["t1.raw", "t2.raw"].map(String::from),
-    );
-    env.ok("ckptfs-backup", &["verify", "repo"]);
+    check_history(&env, "repo", &["t1.raw", "t2.raw"]);
 }

@@ -469,10 +469,7 @@ fn check_changes(mnt: &Mount, entry: i32, xattrs: i32, owner: i32, times: i32, w
 fn tree_changes_get_erofs_or_eperm() {
     let t = tempdir();
     let d = t.path();
-    create(d, "base.qcow2", "4M", "", None);
-    create(d, "top.qcow2", "", "", Some(("base.qcow2", "qcow2")));
-    qemu_img(d, &["bitmap", "--add", "top.qcow2", "c1"]);
-    let top = d.join("top.qcow2");
+    let top = common::c1_chain(d, ["base.qcow2", "top.qcow2"], "4M", &[], &[]);
     let before = common::truth_raw(&top);
     let (rofs, perm, nosup) = (libc::EROFS, libc::EPERM, libc::EOPNOTSUPP);
 

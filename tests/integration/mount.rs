@@ -4,7 +4,7 @@
 //! the writes made. Harness rules: see `mountutil`.
 
 use crate::common::{
-    assert_same, create, qemu_img, qemu_io, tempdir, truth_raw, truth_snapshot_raw,
+    assert_same, c1_chain, create, qemu_img, qemu_io, tempdir, truth_raw, truth_snapshot_raw,
 };
 use crate::mountutil::*;
 use std::fs::File;
@@ -542,12 +542,13 @@ fn in_use_bitmaps_crashed_and_live_writer() {
     }
 
     // Live writer: an overlay held by a running qemu-storage-daemon.
-    create(d, "live-base.qcow2", "16M", "", None);
-    qemu_io(d, "live-base.qcow2", &["write -P 0x31 0 2M"]);
-    create(d, "live.qcow2", "", "", Some(("live-base.qcow2", "qcow2")));
-    qemu_img(d, &["bitmap", "--add", "live.qcow2", "c1"]);
-    qemu_io(d, "live.qcow2", &["write -P 0x32 4M 64k"]);
-    let live = d.join("live.qcow2");
+    let live = c1_chain(
+        d,
+        ["live-base.qcow2", "live.qcow2"],
+        "16M",
+        &["write -P 0x31 0 2M"],
+        &["write -P 0x32 4M 64k"],
+    );
     let (qsd, uri) = start_nbd_writer(d, &live, "live");
     nbd_write(d, &uri, "write -P 0x33 6M 64k");
     let dir = mount_dir(d, "mnt-live");
@@ -899,17 +900,19 @@ fn qemu_io_write_status(d: &Path, image: &str) -> Ran {
 fn clean_unmount_keeps_images_and_releases_locks() {
     let t = tempdir();
     let d = t.path();
-    create(d, "base.qcow2", "8M", "", None);
-    qemu_io(d, "base.qcow2", &["write -P 1 0 2M"]);
-    create(d, "top.qcow2", "", "", Some(("base.qcow2", "qcow2")));
-    qemu_img(d, &["bitmap", "--add", "top.qcow2", "c1"]);
-    qemu_io(d, "top.qcow2", &["write -P 2 1M 64k"]);
+    let top = c1_chain(
+        d,
+        ["base.qcow2", "top.qcow2"],
+        "8M",
+        &["write -P 1 0 2M"],
+        &["write -P 2 1M 64k"],
+    );
     let files: Vec<PathBuf> = ["base.qcow2", "top.qcow2"]
         .iter()
         .map(|f| d.join(f))
         .collect();
     let before: Vec<_> = files.iter().map(|f| snapshot_file(f)).collect();
-    let truth = truth_raw(&d.join("top.qcow2"));
+    let truth = truth_raw(&top);
     let dir = mount_dir(d, "mnt");
     let unchanged = |when: &str| {
         for (f, b) in files.iter().zip(&before) {
@@ -920,7 +923,7 @@ fn clean_unmount_keeps_images_and_releases_locks() {
     };
 
     // Daemon mode, fusermount3 -u.
-    let m = Mount::new(&d.join("top.qcow2"), &dir, None);
+    let m = Mount::new(&top, &dir, None);
     let _ = read(&m.path("c1/changed.img"));
     assert_same(
         &read(&m.path("current/disk.img")),
@@ -939,7 +942,7 @@ fn clean_unmount_keeps_images_and_releases_locks() {
     unchanged("after fusermount3 -u");
 
     // Foreground child, SIGTERM.
-    let mut m = Mount::foreground(&d.join("top.qcow2"), &dir, None, &d.join("fg.log"));
+    let mut m = Mount::foreground(&top, &dir, None, &d.join("fg.log"));
     let _ = read(&m.path("c1/bitmap.bin"));
     let r = qemu_io_write_status(d, "top.qcow2");
     assert!(!r.ok, "locked while mounted (foreground): {r:?}");
@@ -953,7 +956,7 @@ fn clean_unmount_keeps_images_and_releases_locks() {
     unchanged("after SIGTERM");
 
     // Daemon mode, SIGTERM to the daemon (the only ckptfs naming this unique mount point).
-    let m = Mount::new(&d.join("top.qcow2"), &dir, None);
+    let m = Mount::new(&top, &dir, None);
     let _ = read(&m.path("c1/extents"));
     let pids = ckptfs_pids_for(&dir);
     assert_eq!(pids.len(), 1, "daemon for {}: {pids:?}", dir.display());

@@ -458,6 +458,19 @@ impl Mount {
         }
     }
 
+    /// `wait_child` (within the access timeout) and assert it exited 0.
+    pub fn wait_child_ok(&mut self, what: &str) {
+        let st = self.wait_child(ACCESS_TIMEOUT);
+        assert!(st.success(), "{what}: {st}");
+    }
+
+    /// Send `sig` to the foreground child (this test's own process, by PID).
+    pub fn signal_child(&self, sig: i32) {
+        let pid = self.child_pid().expect("a foreground mount");
+        // SAFETY: kill(2) of the ckptfs -f child this test started.
+        unsafe { libc::kill(pid, sig) };
+    }
+
     /// Unmount with `fusermount3 -u` now, asserting it worked and the daemon ended by itself.
     ///
     /// EBUSY is retried for a few seconds: another test thread that forks a helper while this
@@ -990,6 +1003,13 @@ pub fn assert_check_clean(image: &Path, what: &str) {
     );
 }
 
+/// ckptfs has let go of `image`: QEMU may write it (no lock is left) and it still checks clean.
+pub fn assert_released(image: &Path, what: &str) {
+    let dir = image.parent().expect("image in a directory");
+    common::qemu_io(dir, s(image), &["write -P 0x12 0 4k"]);
+    assert_check_clean(image, what);
+}
+
 /// `qemu-img compare A B` (formats probed): must say identical.
 pub fn assert_identical(a: &Path, b: &Path, what: &str) {
     let r = run_files(
@@ -1041,6 +1061,32 @@ pub fn qemu_bitmaps(image: &Path, force_share: bool) -> Vec<BitmapInfo> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// (name, flags) of each bitmap of `image`; -U: also while ckptfs holds its write locks.
+pub fn bitmap_flags(image: &Path) -> Vec<(String, Vec<String>)> {
+    qemu_bitmaps(image, true)
+        .into_iter()
+        .map(|b| (b.name, b.flags))
+        .collect()
+}
+
+/// Every bitmap of `image` stored after a clean stop: there is one at least and none is
+/// flagged in-use (read with -U, so also while something still holds the image's locks).
+pub fn assert_bitmaps_stored(image: &Path, what: &str) {
+    let list = bitmap_flags(image);
+    assert!(
+        !list.is_empty(),
+        "{what}: {} has no bitmaps",
+        image.display()
+    );
+    for (name, flags) in &list {
+        assert!(
+            !flags.iter().any(|f| f == "in-use"),
+            "{what}: bitmap {name} of {} still in use after a clean stop: {list:?}",
+            image.display()
+        );
+    }
 }
 
 /// qemu-storage-daemon exporting `image` writable over NBD on DIR/TAG.sock: its guard and
@@ -1129,27 +1175,42 @@ pub fn expect_refusal(image: &Path, dir: &Path, opts: Option<&str>, needles: &[&
     msg
 }
 
+/// `image` holds exactly `model`: written as model.raw beside the image, then compared.
+pub fn assert_image_equals_model(model: &[u8], image: &Path, what: &str) {
+    let raw = image
+        .parent()
+        .expect("image in a directory")
+        .join("model.raw");
+    std::fs::write(&raw, model).unwrap_or_else(|e| panic!("write {}: {e}", raw.display()));
+    assert_image_equals_raw(&raw, image, what);
+}
+
 /// `qemu-img compare -f raw -F qcow2 RAW IMAGE` must say identical.
 pub fn assert_image_equals_raw(raw: &Path, image: &Path, what: &str) {
+    assert_images_equal((raw, "raw"), (image, "qcow2"), what);
+}
+
+/// `qemu-img compare -f FMT_A -F FMT_B A B` must say identical.
+pub fn assert_images_equal((a, fa): (&Path, &str), (b, fb): (&Path, &str), what: &str) {
     let r = run_files(
         None,
         "qemu-img",
         &[
             OsStr::new("compare"),
             OsStr::new("-f"),
-            OsStr::new("raw"),
+            OsStr::new(fa),
             OsStr::new("-F"),
-            OsStr::new("qcow2"),
-            raw.as_os_str(),
-            image.as_os_str(),
+            OsStr::new(fb),
+            a.as_os_str(),
+            b.as_os_str(),
         ],
     );
     assert_eq!(
         r.code,
         Some(0),
         "{what}: qemu-img compare {} {}: {}{}",
-        raw.display(),
-        image.display(),
+        a.display(),
+        b.display(),
         r.stdout,
         r.stderr
     );

@@ -38,31 +38,6 @@ use std::time::{Duration, Instant};
 const K: u64 = 1024;
 const M: u64 = 1 << 20;
 
-/// (name, flags) of every bitmap of `image` (`qemu-img info --output=json`).
-fn bitmap_flags(image: &Path) -> Vec<(String, Vec<String>)> {
-    // -U: also while ckptfs holds the image's write locks.
-    qemu_bitmaps(image, true)
-        .into_iter()
-        .map(|b| (b.name, b.flags))
-        .collect()
-}
-
-fn assert_bitmaps_stored(image: &Path, what: &str) {
-    let list = bitmap_flags(image);
-    assert!(
-        !list.is_empty(),
-        "{what}: {} has no bitmaps",
-        image.display()
-    );
-    for (name, flags) in &list {
-        assert!(
-            !flags.iter().any(|f| f == "in-use"),
-            "{what}: bitmap {name} of {} still in use after a clean unmount: {list:?}",
-            image.display()
-        );
-    }
-}
-
 fn fallocate(f: &File, mode: i32, off: u64, len: u64) -> std::io::Result<()> {
     // SAFETY: fallocate(2) on an fd owned by `f`.
     let r = unsafe { libc::fallocate(f.as_raw_fd(), mode, off as libc::off_t, len as libc::off_t) };
@@ -567,9 +542,7 @@ fn concurrent_readers_and_writer() {
     common::assert_same(&got, &model, 0, "disk.img after the stress run");
     mnt.unmount();
 
-    let raw = d.join("model.raw");
-    write_file(&raw, &model);
-    assert_image_equals_raw(&raw, &top, "after the stress run");
+    assert_image_equals_model(&model, &top, "after the stress run");
     assert_check_clean(&top, "after the stress run");
     assert_bitmaps_stored(&top, "after the stress run");
 }
@@ -1124,12 +1097,13 @@ fn perm_fixture() -> (tempfile::TempDir, PathBuf) {
     let t = tempdir();
     let d = t.path();
     std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
-    create(d, "base.qcow2", "4M", "", None);
-    qemu_io(d, "base.qcow2", &["write -P 0x31 0 4M"]);
-    create(d, "top.qcow2", "", "", Some(("base.qcow2", "qcow2")));
-    qemu_img(d, &["bitmap", "--add", "top.qcow2", "c1"]);
-    qemu_io(d, "top.qcow2", &["write -P 0x32 1M 64k"]);
-    let top = d.join("top.qcow2");
+    let top = common::c1_chain(
+        d,
+        ["base.qcow2", "top.qcow2"],
+        "4M",
+        &["write -P 0x31 0 4M"],
+        &["write -P 0x32 1M 64k"],
+    );
     (t, top)
 }
 
@@ -1274,12 +1248,13 @@ fn permissions_allow_other_alone_keeps_private_image_private() {
 
 fn unmount_fixture() -> (tempfile::TempDir, PathBuf) {
     let t = tempdir();
-    let d = t.path();
-    create(d, "base.qcow2", "8M", "", None);
-    qemu_io(d, "base.qcow2", &["write -P 0x41 0 8M"]);
-    create(d, "top.qcow2", "", "", Some(("base.qcow2", "qcow2")));
-    qemu_img(d, &["bitmap", "--add", "top.qcow2", "c1"]);
-    let top = d.join("top.qcow2");
+    let top = common::c1_chain(
+        t.path(),
+        ["base.qcow2", "top.qcow2"],
+        "8M",
+        &["write -P 0x41 0 8M"],
+        &[],
+    );
     (t, top)
 }
 
@@ -1341,18 +1316,14 @@ fn unmount_busy_then_lazy() {
         "the daemon exited while a file was still open"
     );
     timed("close", move || drop(f));
-    let st = mnt.wait_child(ACCESS_TIMEOUT);
-    assert!(st.success(), "daemon after the last close: {st}");
+    mnt.wait_child_ok("daemon after the last close");
     drop(mnt);
 
     assert_check_clean(&top, "after umount -l");
     assert_bitmaps_stored(&top, "after umount -l");
-    let raw = d.join("model.raw");
-    write_file(&raw, &model);
-    assert_image_equals_raw(&raw, &top, "after umount -l");
+    assert_image_equals_model(&model, &top, "after umount -l");
     // Locks released: QEMU may write the top now.
-    qemu_io(d, "top.qcow2", &["write -P 0x12 0 4k"]);
-    assert_check_clean(&top, "after qemu-io");
+    assert_released(&top, "after qemu-io");
 }
 
 #[test]
@@ -1362,16 +1333,12 @@ fn unmount_sigterm_ro_exits_zero() {
     let mut mnt = Mount::foreground(&top, &mount_dir(d, "mnt"), None, &d.join("log"));
     let got = read(&mnt.path("current/disk.img"));
     assert_eq!(got.len() as u64, 8 * M);
-    let pid = mnt.child_pid().unwrap();
-    // SAFETY: kill(2) of the ckptfs -f child this test started.
-    unsafe { libc::kill(pid, libc::SIGTERM) };
-    let st = mnt.wait_child(ACCESS_TIMEOUT);
-    assert!(st.success(), "ckptfs -f after SIGTERM: {st}");
+    mnt.signal_child(libc::SIGTERM);
+    mnt.wait_child_ok("ckptfs -f after SIGTERM");
     assert!(!is_mounted(&mnt.dir), "still mounted after SIGTERM");
     assert!(ckptfs_pids_for(&mnt.dir).is_empty(), "a daemon is left");
     drop(mnt);
-    qemu_io(d, "top.qcow2", &["write -P 0x12 0 4k"]);
-    assert_check_clean(&top, "ro SIGTERM");
+    assert_released(&top, "ro SIGTERM");
 }
 
 #[test]
@@ -1394,18 +1361,13 @@ fn unmount_sigterm_rw_stores_bitmaps() {
         in_use.iter().all(|(_, f)| f.iter().any(|x| x == "in-use")),
         "bitmaps should be in use while mounted rw: {in_use:?}"
     );
-    let pid = mnt.child_pid().unwrap();
-    // SAFETY: kill(2) of the ckptfs -f child this test started.
-    unsafe { libc::kill(pid, libc::SIGTERM) };
-    let st = mnt.wait_child(ACCESS_TIMEOUT);
-    assert!(st.success(), "ckptfs -f -o rw after SIGTERM: {st}");
+    mnt.signal_child(libc::SIGTERM);
+    mnt.wait_child_ok("ckptfs -f -o rw after SIGTERM");
     assert!(!is_mounted(&mnt.dir), "still mounted after SIGTERM");
     drop(mnt);
     assert_bitmaps_stored(&top, "rw SIGTERM");
     assert_check_clean(&top, "rw SIGTERM");
-    let raw = d.join("model.raw");
-    write_file(&raw, &model);
-    assert_image_equals_raw(&raw, &top, "rw SIGTERM");
+    assert_image_equals_model(&model, &top, "rw SIGTERM");
 }
 
 // ---------------------------------------------------------------------------------------

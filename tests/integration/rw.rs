@@ -848,11 +848,13 @@ fn twin_concurrent_writers() {
 fn sigterm_is_a_clean_unmount() {
     let t = tempdir();
     let d = t.path();
-    create(d, "base.qcow2", "8M", "", None);
-    qemu_io(d, "base.qcow2", &["write -P 1 0 8M"]);
-    create(d, "top.qcow2", "", "", Some(("base.qcow2", "qcow2")));
-    qemu_img(d, &["bitmap", "--add", "top.qcow2", "c1"]);
-    let top = d.join("top.qcow2");
+    let top = common::c1_chain(
+        d,
+        ["base.qcow2", "top.qcow2"],
+        "8M",
+        &["write -P 1 0 8M"],
+        &[],
+    );
     let mut mnt = Mount::foreground(&top, &mount_dir(d, "mnt"), Some("rw"), &d.join("log"));
     let disk = mnt.path("current/disk.img");
     {
@@ -862,11 +864,8 @@ fn sigterm_is_a_clean_unmount() {
             f.sync_all().unwrap();
         });
     }
-    let pid = mnt.child_pid().unwrap();
-    // SAFETY: kill(2) of the ckptfs -f child this test started.
-    unsafe { libc::kill(pid, libc::SIGTERM) };
-    let st = mnt.wait_child(ACCESS_TIMEOUT);
-    assert!(st.success(), "ckptfs -f after SIGTERM: {st}");
+    mnt.signal_child(libc::SIGTERM);
+    mnt.wait_child_ok("ckptfs -f after SIGTERM");
     assert!(!is_mounted(&mnt.dir), "still mounted after SIGTERM");
     drop(mnt);
     assert_check_clean(&top, "SIGTERM");
@@ -1148,11 +1147,13 @@ fn says_locked(r: &Ran) -> bool {
 fn locks_exclude_writers() {
     let t = tempdir();
     let d = t.path();
-    create(d, "base.qcow2", "8M", "", None);
-    qemu_io(d, "base.qcow2", &["write -P 1 0 1M"]);
-    create(d, "top.qcow2", "", "", Some(("base.qcow2", "qcow2")));
-    qemu_img(d, &["bitmap", "--add", "top.qcow2", "c1"]);
-    let top = d.join("top.qcow2");
+    let top = common::c1_chain(
+        d,
+        ["base.qcow2", "top.qcow2"],
+        "8M",
+        &["write -P 1 0 1M"],
+        &[],
+    );
     {
         let mnt = rw(&top, &mount_dir(d, "mnt"));
         let r = run_files(Some(d), "qemu-io", &["-c", "write 0 4k", "top.qcow2"]);
@@ -1253,15 +1254,16 @@ fn refusals_and_bitmap_flags() {
     let t = tempdir();
     let d = t.path();
     let size = 8 * M;
-    create(d, "base.qcow2", "8M", "", None);
-    qemu_io(d, "base.qcow2", &["write -P 1 0 8M"]);
-    create(d, "top.qcow2", "", "", Some(("base.qcow2", "qcow2")));
-    qemu_img(d, &["bitmap", "--add", "top.qcow2", "c1"]);
-    qemu_io(d, "top.qcow2", &["write -P 2 1M 64k"]);
+    let top = common::c1_chain(
+        d,
+        ["base.qcow2", "top.qcow2"],
+        "8M",
+        &["write -P 1 0 8M"],
+        &["write -P 2 1M 64k"],
+    );
     qemu_img(d, &["bitmap", "--add", "top.qcow2", "c2"]);
     qemu_io(d, "top.qcow2", &["write -P 3 7M 1M"]);
     qemu_img(d, &["bitmap", "--disable", "top.qcow2", "c1"]);
-    let top = d.join("top.qcow2");
     let pre = d.join("pre.qcow2");
     std::fs::copy(&top, &pre).unwrap();
     let pre_bytes = std::fs::read(&top).unwrap();

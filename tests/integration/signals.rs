@@ -10,7 +10,7 @@
 //! Harness rules (see `mountutil`): every mount is owned by a guard, every wait is bounded,
 //! only processes these tests started are signalled, by PID.
 
-use crate::common::{self, create, qemu_img, qemu_io, tempdir};
+use crate::common::{self, tempdir};
 use crate::mountutil::*;
 use std::ffi::OsStr;
 use std::fs::OpenOptions;
@@ -27,13 +27,13 @@ const M: usize = 1 << 20;
 /// A base of 0x41 and a top with bitmap c1 and some data of its own.
 fn fixture() -> (tempfile::TempDir, PathBuf) {
     let t = tempdir();
-    let d = t.path();
-    create(d, "base.qcow2", "8M", "", None);
-    qemu_io(d, "base.qcow2", &["write -P 0x41 0 8M"]);
-    create(d, "top.qcow2", "", "", Some(("base.qcow2", "qcow2")));
-    qemu_img(d, &["bitmap", "--add", "top.qcow2", "c1"]);
-    qemu_io(d, "top.qcow2", &["write -P 0x42 1M 64k"]);
-    let top = d.join("top.qcow2");
+    let top = common::c1_chain(
+        t.path(),
+        ["base.qcow2", "top.qcow2"],
+        "8M",
+        &["write -P 0x41 0 8M"],
+        &["write -P 0x42 1M 64k"],
+    );
     (t, top)
 }
 
@@ -99,6 +99,13 @@ impl Holder {
     fn say(&mut self, cmd: &str) {
         let w = self.stdin.as_mut().expect("stdin open");
         writeln!(w, "{cmd}").unwrap_or_else(|e| panic!("{}: write: {e}", self.what));
+    }
+
+    /// A `file_holder`'s `read OUT`: it succeeds and OUT holds `want`.
+    fn assert_reads(&mut self, out: &Path, want: &[u8], what: &str) {
+        self.say(&format!("read {}", s(out)));
+        self.expect("read 0 ");
+        common::assert_same(&std::fs::read(out).unwrap(), want, 0, what);
     }
 
     /// Close its stdin (its last `read` ends the script) and wait for it to exit.
@@ -188,16 +195,19 @@ fn assert_running(pid: i32, what: &str) {
     );
 }
 
-fn assert_no_bitmap_in_use(image: &Path, what: &str) {
-    let list = qemu_bitmaps(image, true);
-    assert!(!list.is_empty(), "{what}: no bitmaps");
-    for b in &list {
-        assert!(
-            !b.flags.iter().any(|f| f == "in-use"),
-            "{what}: bitmap {} still in use: {list:?}",
-            b.name
-        );
-    }
+/// SIGTERM to the daemon `pid` of the busy mount on `dir`, held by two holders: it detaches
+/// and keeps serving.
+fn sigterm_detaches(pid: i32, dir: &Path) {
+    signal(pid, libc::SIGTERM);
+    wait_unmounted(dir, "SIGTERM");
+    assert_running(pid, "after SIGTERM, two holders");
+}
+
+/// Holder `a` leaves, the daemon `pid` stays for `b` (`what`), then `b` leaves.
+fn leave_in_turn(a: Holder, b: Holder, pid: i32, what: &str) {
+    assert!(a.finish().success());
+    assert_running(pid, what);
+    assert!(b.finish().success());
 }
 
 /// `findmnt -n -o FSTYPE DIR`.
@@ -234,27 +244,17 @@ fn sigterm_busy_ro_detaches_and_exits_after_the_last_user() {
     let mut a = file_holder("holder A", &mnt.path("current"), "disk.img", false);
     let b = cwd_holder("holder B", &mnt.path("c1"));
 
-    signal(pid, libc::SIGTERM);
-    wait_unmounted(&mnt.dir, "SIGTERM");
-    assert_running(pid, "after SIGTERM, two holders");
-    let out = d.join("a.out");
-    a.say(&format!("read {}", s(&out)));
-    a.expect("read 0 ");
-    common::assert_same(
-        &std::fs::read(&out).unwrap(),
+    sigterm_detaches(pid, &mnt.dir);
+    a.assert_reads(
+        &d.join("a.out"),
         &truth,
-        0,
         "holder A's open file after the detach",
     );
-    assert!(a.finish().success());
-    assert_running(pid, "holder B still in c1/");
-    assert!(b.finish().success());
-    let st = mnt.wait_child(ACCESS_TIMEOUT);
-    assert!(st.success(), "ckptfs -f after the last user left: {st}");
+    leave_in_turn(a, b, pid, "holder B still in c1/");
+    mnt.wait_child_ok("ckptfs -f after the last user left");
     drop(mnt);
     // The locks are gone: QEMU may write.
-    qemu_io(d, "top.qcow2", &["write -P 0x43 0 4k"]);
-    assert_check_clean(&top, "ro after SIGTERM");
+    assert_released(&top, "ro after SIGTERM");
 }
 
 #[test]
@@ -279,38 +279,28 @@ fn sigterm_busy_rw_daemon_serves_holders_and_stores_bitmaps() {
     let mut a = file_holder("holder A", &mnt.path("current"), "disk.img", true);
     let b = cwd_holder("holder B", &mnt.dir);
 
-    signal(pid, libc::SIGTERM);
-    wait_unmounted(&mnt.dir, "SIGTERM");
-    assert_running(pid, "after SIGTERM, two holders");
+    sigterm_detaches(pid, &mnt.dir);
     // A write after the detach, by a name relative to the cwd inside the mount.
     let text = "written-after-the-detach";
     let off = 5 * M + 3;
     a.say(&format!("write {off} {text}"));
     a.expect("write 0");
     model[off..off + text.len()].copy_from_slice(text.as_bytes());
-    let out = d.join("a.out");
-    a.say(&format!("read {}", s(&out)));
-    a.expect("read 0 ");
-    common::assert_same(
-        &std::fs::read(&out).unwrap(),
+    a.assert_reads(
+        &d.join("a.out"),
         &model,
-        0,
         "holder A reads the disk after the detach",
     );
-    assert!(a.finish().success());
-    assert_running(pid, "holder B still in the root");
-    assert!(b.finish().success());
+    leave_in_turn(a, b, pid, "holder B still in the root");
     assert!(
         wait_pid_gone(pid, ACCESS_TIMEOUT),
         "the daemon did not exit after the last user left"
     );
     drop(mnt);
 
-    assert_no_bitmap_in_use(&top, "rw after SIGTERM");
+    assert_bitmaps_stored(&top, "rw after SIGTERM");
     assert_check_clean(&top, "rw after SIGTERM");
-    let raw = d.join("model.raw");
-    std::fs::write(&raw, &model).unwrap();
-    assert_image_equals_raw(&raw, &top, "rw after SIGTERM");
+    assert_image_equals_model(&model, &top, "rw after SIGTERM");
     // Both writes are in the stored bitmap.
     let dirty = common::qemu_dirty_ranges(d, "top.qcow2", "c1");
     for (s, e) in [
@@ -341,8 +331,7 @@ fn second_signal_stops_at_once_with_bitmaps_stored() {
     wait_unmounted(&mnt.dir, "SIGHUP");
     assert_running(pid, "after SIGHUP, one holder");
     signal(pid, libc::SIGINT);
-    let st = mnt.wait_child(ACCESS_TIMEOUT);
-    assert!(st.success(), "ckptfs -f after a second signal: {st}");
+    mnt.wait_child_ok("ckptfs -f after a second signal");
     // The holder's file is dead now, not silently empty.
     let out = d.join("a.out");
     a.say(&format!("read {}", s(&out)));
@@ -353,11 +342,9 @@ fn second_signal_stops_at_once_with_bitmaps_stored() {
     );
     assert!(a.finish().success());
     drop(mnt);
-    assert_no_bitmap_in_use(&top, "after a second signal");
+    assert_bitmaps_stored(&top, "after a second signal");
     assert_check_clean(&top, "after a second signal");
-    let raw = d.join("model.raw");
-    std::fs::write(&raw, &model).unwrap();
-    assert_image_equals_raw(&raw, &top, "after a second signal");
+    assert_image_equals_model(&model, &top, "after a second signal");
 }
 
 /// Whether every ckptfs process serving `dir` ends within `limit` (none is killed).
@@ -434,7 +421,7 @@ fn signal_while_starting(d: &Path, top: &Path, n: usize, delay: Duration, foregr
         "{what}: a daemon was left"
     );
     assert!(!is_mounted(&dir), "{what}: left mounted");
-    assert_no_bitmap_in_use(top, &what);
+    assert_bitmaps_stored(top, &what);
 }
 
 #[test]
@@ -474,8 +461,7 @@ fn a_mount_made_on_the_path_after_a_detach_survives_the_daemon() {
     assert_eq!(findmnt_type(&mnt.dir), "tmpfs");
     assert_running(pid, "holder in the detached mount");
     assert!(b.finish().success());
-    let st = mnt.wait_child(ACCESS_TIMEOUT);
-    assert!(st.success(), "ckptfs -f after the last user left: {st}");
+    mnt.wait_child_ok("ckptfs -f after the last user left");
     let after = mount_type(&mnt.dir);
     // The guard unmounts the tmpfs too.
     drop(mnt);
@@ -508,16 +494,18 @@ fn unprivileged_mount_type_and_signals() {
     std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
     let u = d.join("u");
     std::fs::create_dir(&u).unwrap();
-    create(&u, "base.qcow2", "8M", "", None);
-    qemu_io(&u, "base.qcow2", &["write -P 0x41 0 8M"]);
-    create(&u, "top.qcow2", "", "", Some(("base.qcow2", "qcow2")));
-    qemu_img(&u, &["bitmap", "--add", "top.qcow2", "c1"]);
+    let top = common::c1_chain(
+        &u,
+        ["base.qcow2", "top.qcow2"],
+        "8M",
+        &["write -P 0x41 0 8M"],
+        &[],
+    );
     let mnt = mount_dir(&u, "mnt");
     common::run(
         "chown",
         &[OsStr::new("-R"), OsStr::new("nobody"), u.as_os_str()],
     );
-    let top = u.join("top.qcow2");
     // Reaps the daemon (by PID) if an assert fails.
     let _guard = Mount::adopt(&mnt);
     let script = r#"
@@ -565,6 +553,6 @@ fn unprivileged_mount_type_and_signals() {
         "the holder after the forced stop: {got:?}"
     );
     assert!(h.finish().success());
-    assert_no_bitmap_in_use(&top, "unprivileged, after two signals");
+    assert_bitmaps_stored(&top, "unprivileged, after two signals");
     assert_check_clean(&top, "unprivileged, after two signals");
 }

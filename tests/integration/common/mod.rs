@@ -110,6 +110,27 @@ pub fn create(dir: &Path, name: &str, size: &str, opts: &str, backing: Option<(&
     qemu_img(dir, &args);
 }
 
+/// `base` (`size`, then the qemu-io commands `base_io`) <- `top` with bitmap c1, then `top_io`
+/// on the top, in `dir`: the chain most mount tests start from. Returns the top's path.
+pub fn c1_chain(
+    dir: &Path,
+    [base, top]: [&str; 2],
+    size: &str,
+    base_io: &[&str],
+    top_io: &[&str],
+) -> PathBuf {
+    create(dir, base, size, "", None);
+    if !base_io.is_empty() {
+        qemu_io(dir, base, base_io);
+    }
+    create(dir, top, "", "", Some((base, "qcow2")));
+    qemu_img(dir, &["bitmap", "--add", top, "c1"]);
+    if !top_io.is_empty() {
+        qemu_io(dir, top, top_io);
+    }
+    dir.join(top)
+}
+
 /// Ground truth: `qemu-img convert -O raw IMAGE` (the whole chain, IMAGE's virtual size).
 pub fn truth_raw(image: &Path) -> Vec<u8> {
     truth_raw_args(image, &[])
@@ -589,11 +610,7 @@ fn read_be<const N: usize>(f: &mut File, off: u64) -> [u8; N] {
 
 /// Clear autoclear bit 0 (bitmaps extension consistent) in the header at byte 88.
 pub fn clear_autoclear_bitmaps(image: &Path) {
-    let mut f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(image)
-        .unwrap();
+    let mut f = open_rw(image);
     let v = u64::from_be_bytes(read_be::<8>(&mut f, 88));
     f.seek(SeekFrom::Start(88)).unwrap();
     f.write_all(&(v & !1).to_be_bytes()).unwrap();
@@ -633,14 +650,19 @@ pub fn bitmap_entry_offset(image: &Path, name: &str) -> u64 {
     panic!("no bitmap '{name}' in {}", image.display());
 }
 
-/// Set the in_use flag of bitmap `name` (OR 1 into the flags word at entry + 12).
-pub fn set_bitmap_in_use(image: &Path, name: &str) {
-    let e = bitmap_entry_offset(image, name);
-    let mut f = OpenOptions::new()
+/// `image` opened read-write, to patch it in place.
+fn open_rw(image: &Path) -> File {
+    OpenOptions::new()
         .read(true)
         .write(true)
         .open(image)
-        .unwrap();
+        .unwrap_or_else(|e| panic!("open {} read-write: {e}", image.display()))
+}
+
+/// Set the in_use flag of bitmap `name` (OR 1 into the flags word at entry + 12).
+pub fn set_bitmap_in_use(image: &Path, name: &str) {
+    let e = bitmap_entry_offset(image, name);
+    let mut f = open_rw(image);
     let flags = u32::from_be_bytes(read_be::<4>(&mut f, e + 12));
     f.seek(SeekFrom::Start(e + 12)).unwrap();
     f.write_all(&(flags | 1).to_be_bytes()).unwrap();
@@ -650,11 +672,7 @@ pub fn set_bitmap_in_use(image: &Path, name: &str) {
 /// data cluster, 0 = all zeros). The old data cluster leaks, which read-only users ignore.
 pub fn patch_bitmap_table_entry(image: &Path, name: &str, idx: u64, value: u64) {
     let e = bitmap_entry_offset(image, name);
-    let mut f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(image)
-        .unwrap();
+    let mut f = open_rw(image);
     let table = u64::from_be_bytes(read_be::<8>(&mut f, e));
     let size = u32::from_be_bytes(read_be::<4>(&mut f, e + 8)) as u64;
     assert!(idx < size, "bitmap '{name}' table has {size} entries");
