@@ -52,8 +52,7 @@ impl Writer {
             (HostOffset(0), 0)
         } else {
             let n = (bytes.len() as u64).div_ceil(cs);
-            let off = self.rc.alloc_run(file, n)?;
-            q.note_file_end(off + n * cs);
+            let off = self.alloc_run(n)?;
             self.rc.protect(file, off, n * cs, "bitmap directory")?;
             q.write_at(off, &bytes, "bitmap directory")?;
             q.flush()?;
@@ -64,7 +63,9 @@ impl Writer {
             bitmap_directory_size: new_len,
             bitmap_directory_offset: new_off.0,
         });
-        // One header write switches to the new directory (as QEMU's header update).
+        // One header write switches to the new directory (as QEMU's header update). From here
+        // the header may name the new clusters: a failure leaves leaks at most.
+        self.fresh.clear();
         store_bitmaps_ext(file, &q.header, ext)?;
         self.bitmaps_ok = !entries.is_empty() || self.bitmaps_ok;
         q.flush()?;
@@ -149,8 +150,7 @@ impl Writer {
         }
         if n > 0 {
             let clusters = (n * 8).div_ceil(cs);
-            let off = self.rc.alloc_run(file, clusters)?;
-            q.note_file_end(off + clusters * cs);
+            let off = self.alloc_run(clusters)?;
             self.rc.protect(file, off, clusters * cs, "bitmap table")?;
             q.write_at(off, &vec![0u8; (clusters * cs) as usize], "bitmap table")?;
             entry.bitmap_table_offset = off.0;
@@ -267,8 +267,15 @@ impl Writer {
 }
 
 impl Writer {
-    /// Carry out a checkpoint edit decided by `checkpoint::edit`: one directory update.
+    /// Carry out a checkpoint edit decided by `checkpoint::edit`: one directory update. If it
+    /// fails before the header switches (ENOSPC on a device), the clusters it took are given
+    /// back and the old directory stays in force.
     pub fn apply(&mut self, edit: &DirEdit) -> Result<()> {
+        let r = self.apply_edit(edit);
+        self.settle(r)
+    }
+
+    fn apply_edit(&mut self, edit: &DirEdit) -> Result<()> {
         match edit {
             DirEdit::Add {
                 name,

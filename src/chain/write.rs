@@ -29,9 +29,9 @@ pub struct Writer {
     pub(super) dir: Option<(HostOffset, u64)>,
     /// The bitmaps extension is consistent (autoclear bit set, or ckptfs created it).
     pub(super) bitmaps_ok: bool,
-    /// Host clusters the write in progress allocated and no entry points at yet: released if
-    /// it fails (ENOSPC on a device), so a failed write leaks nothing.
-    fresh: Vec<HostOffset>,
+    /// Host clusters the write or directory update in progress allocated and nothing points
+    /// at yet: released if it fails (ENOSPC on a device), so a failed update leaks nothing.
+    pub(super) fresh: Vec<HostOffset>,
     closed: bool,
 }
 
@@ -186,15 +186,23 @@ impl Writer {
 
     /// A new host cluster (refcount 1), released again if the write fails before it is used.
     fn alloc(&mut self) -> Result<HostOffset> {
+        self.alloc_run(1)
+    }
+
+    /// `n` new contiguous host clusters (refcount 1), released again if the update they are
+    /// for fails before anything points at them (see `settle`).
+    pub(super) fn alloc_run(&mut self, n: u64) -> Result<HostOffset> {
         let q = &self.q;
-        let off = self.rc.alloc(q.file())?;
-        q.note_file_end(off + q.geo.cluster_size());
-        self.fresh.push(off);
+        let cs = q.geo.cluster_size();
+        let off = self.rc.alloc_run(q.file(), n)?;
+        q.note_file_end(off + n * cs);
+        self.fresh.extend((0..n).map(|k| off + k * cs));
         Ok(off)
     }
 
-    /// After a write: on failure, give back the clusters it allocated that nothing points at.
-    fn settle(&mut self, r: Result<()>) -> Result<()> {
+    /// After a write or directory update: on failure, give back the clusters it allocated
+    /// that nothing points at.
+    pub(super) fn settle(&mut self, r: Result<()>) -> Result<()> {
         let fresh = std::mem::take(&mut self.fresh);
         if r.is_err() {
             let q = &self.q;
@@ -439,12 +447,20 @@ impl Writer {
         self.q.flush()
     }
 
-    /// Store the marked bitmap clusters, then clear in_use (a clean close).
+    /// Store the marked bitmap clusters, then clear in_use (a clean close). If they cannot be
+    /// stored (ENOSPC on a device), the bitmaps stay in_use, as QEMU leaves them, and the
+    /// cluster taken for the one that failed is given back.
     pub fn close(&mut self) -> Result<()> {
         if self.closed {
             return Ok(());
         }
         self.closed = true;
+        let r = self.store_bitmaps();
+        self.settle(r)?;
+        self.set_in_use(false)
+    }
+
+    fn store_bitmaps(&mut self) -> Result<()> {
         let q = self.q.clone();
         let file = q.file();
         let cs = q.geo.cluster_size();
@@ -458,19 +474,19 @@ impl Writer {
             let host = match bitmaps::load_table_entry(file, b, idx, cs)? {
                 TableEntry::Data(off) if self.rc.get(file, off.cluster(cb))? == 1 => off,
                 _ => {
-                    let off = self.rc.alloc(file)?;
-                    q.note_file_end(off + cs);
+                    let off = self.alloc()?;
                     self.rc.protect(file, off, cs, "bitmap data")?;
                     q.write_at(off, &data, "bitmap data")?;
                     q.flush()?;
+                    // From here the table may name the cluster: a failure leaves a leak at most.
+                    self.fresh.clear();
                     bitmaps::store_table_entry(file, b, idx, off)?;
                     continue;
                 }
             };
             q.write_at(host, &data, "bitmap data")?;
         }
-        q.flush()?;
-        self.set_in_use(false)
+        q.flush()
     }
 }
 

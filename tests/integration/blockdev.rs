@@ -265,15 +265,12 @@ fn qcow2_top_on_a_loop_device_ro_and_rw() {
     assert_check_clean(lo.path(), "qcow2 on a device after writes");
 }
 
-#[test]
-fn qcow2_on_a_full_device_answers_enospc() {
-    let d = tempdir();
-    let dir = d.path();
+/// A 64 MiB qcow2 (and its twin DIR/twin.qcow2) on a 1 MiB loop device: 16 clusters of
+/// 64 KiB, four of them the image's metadata.
+fn small_qcow2_device(dir: &Path) -> Loop {
     create(dir, "small.qcow2", "64M", "", None);
     let img = dir.join("small.qcow2");
-    let twin = dir.join("twin.qcow2");
-    std::fs::copy(&img, &twin).unwrap();
-    // 16 clusters of 64 KiB, four of them the image's metadata.
+    std::fs::copy(&img, dir.join("twin.qcow2")).unwrap();
     let dev_file = dir.join("dev.img");
     std::fs::copy(&img, &dev_file).unwrap();
     OpenOptions::new()
@@ -282,35 +279,34 @@ fn qcow2_on_a_full_device_answers_enospc() {
         .unwrap()
         .set_len(M)
         .unwrap();
-    let lo = Loop::attach(&dev_file);
+    Loop::attach(&dev_file)
+}
 
-    let mnt = mount_dir(dir, "mnt");
-    let m = Mount::new(lo.path(), &mnt, Some("rw"));
-    // Two-cluster writes until the device is full, then one-cluster ones: the last write of
-    // each kind fails with ENOSPC and takes nothing (its clusters are released).
-    let mut done: Vec<(u64, u64, u8)> = Vec::new();
-    for (len, first, count) in [(128 * K, 0, 16), (4 * K, 10 * M, 16)] {
-        let mut full = false;
-        for i in 0..count {
-            let (off, b) = (first + i * len.max(64 * K), 0x10 + done.len() as u8);
-            match write_disk(&m, off, vec![b; len as usize]) {
-                Ok(()) => done.push((off, len, b)),
-                Err(e) => {
-                    assert_eq!(
-                        e.raw_os_error(),
-                        Some(libc::ENOSPC),
-                        "write {off}+{len}: {e}"
-                    );
-                    full = true;
-                    break;
-                }
+/// Writes of `len` bytes of one byte value, `len` (at least 64 KiB) apart from `first`,
+/// until one fails, which must be ENOSPC (it takes nothing: its clusters are released); the
+/// writes that fitted are added to `done` (offset, length, byte).
+fn fill_until_enospc(m: &Mount, done: &mut Vec<(u64, u64, u8)>, len: u64, first: u64) {
+    for i in 0..16 {
+        let (off, b) = (first + i * len.max(64 * K), 0x10 + done.len() as u8);
+        match write_disk(m, off, vec![b; len as usize]) {
+            Ok(()) => done.push((off, len, b)),
+            Err(e) => {
+                assert_eq!(
+                    e.raw_os_error(),
+                    Some(libc::ENOSPC),
+                    "write {off}+{len}: {e}"
+                );
+                return;
             }
         }
-        assert!(full, "{len}-byte writes never filled the 1 MiB device");
     }
-    assert!(done.len() >= 3, "too few writes fitted: {done:?}");
+    panic!("{len}-byte writes never filled the 1 MiB device");
+}
+
+/// The bytes of `done` read back through the mount.
+fn assert_writes_kept(m: &Mount, done: &[(u64, u64, u8)]) {
     let disk = read(&m.path("current/disk.img"));
-    for &(off, n, b) in &done {
+    for &(off, n, b) in done {
         assert!(
             disk[off as usize..(off + n) as usize]
                 .iter()
@@ -318,6 +314,21 @@ fn qcow2_on_a_full_device_answers_enospc() {
             "bytes written at {off}+{n} before the device filled up are gone"
         );
     }
+}
+
+#[test]
+fn qcow2_on_a_full_device_answers_enospc() {
+    let d = tempdir();
+    let dir = d.path();
+    let lo = small_qcow2_device(dir);
+    let mnt = mount_dir(dir, "mnt");
+    let m = Mount::new(lo.path(), &mnt, Some("rw"));
+    // Two-cluster writes until the device is full, then one-cluster ones.
+    let mut done: Vec<(u64, u64, u8)> = Vec::new();
+    fill_until_enospc(&m, &mut done, 128 * K, 0);
+    fill_until_enospc(&m, &mut done, 4 * K, 10 * M);
+    assert!(done.len() >= 3, "too few writes fitted: {done:?}");
+    assert_writes_kept(&m, &done);
     m.unmount();
     assert_matches_twin(
         dir,
@@ -326,6 +337,69 @@ fn qcow2_on_a_full_device_answers_enospc() {
         "full device vs qemu-io twin of the writes that fitted",
     );
     assert_check_clean(lo.path(), "qcow2 on a full device");
+}
+
+/// mkdir MOUNT/NAME (timed).
+fn mkdir(m: &Mount, name: &str) -> std::io::Result<()> {
+    let p = m.path(name);
+    timed(&format!("mkdir {}", p.display()), move || {
+        std::fs::create_dir(&p)
+    })
+}
+
+/// A checkpoint needs two new clusters (bitmap table and directory); with one left on the
+/// device, mkdir answers ENOSPC, gives back the one it took, and the checkpoint never appears.
+/// A write then takes the last cluster, so c1's bits cannot be stored at unmount: c1 stays
+/// in_use (as QEMU leaves it), and nothing leaks.
+#[test]
+fn mkdir_on_a_full_device_answers_enospc_and_leaks_nothing() {
+    let d = tempdir();
+    let dir = d.path();
+    let lo = small_qcow2_device(dir);
+    let mnt = mount_dir(dir, "mnt");
+    let m = Mount::new(lo.path(), &mnt, Some("rw"));
+    mkdir(&m, "c1").expect("mkdir c1 on an empty device");
+    // 10 free clusters: an L2 table and four two-cluster writes leave one.
+    let mut done: Vec<(u64, u64, u8)> = Vec::new();
+    fill_until_enospc(&m, &mut done, 128 * K, 0);
+    let before = read(&m.path("checkpoints.json"));
+    let r = mkdir(&m, "c2");
+    assert_eq!(
+        r.as_ref().map_err(|e| e.raw_os_error()),
+        Err(Some(libc::ENOSPC)),
+        "mkdir c2 on a full device: {r:?}"
+    );
+    assert_eq!(
+        read(&m.path("checkpoints.json")),
+        before,
+        "checkpoints.json changed by a failed mkdir"
+    );
+    assert!(!exists(&m.path("c2")), "c2 appeared after a failed mkdir");
+    // The cluster mkdir gave back holds one more cluster of data, then the device is full.
+    fill_until_enospc(&m, &mut done, 4 * K, 10 * M);
+    assert_writes_kept(&m, &done);
+    m.unmount();
+    assert_check_clean(lo.path(), "qcow2 on a full device after a failed mkdir");
+    let info = common::run(
+        "qemu-img",
+        &[
+            OsStr::new("info"),
+            OsStr::new("-U"),
+            OsStr::new("--output=json"),
+            lo.path().as_os_str(),
+        ],
+    );
+    let info = String::from_utf8_lossy(&info).into_owned();
+    assert!(
+        info.contains("\"c1\"") && info.contains("in-use") && !info.contains("\"c2\""),
+        "c1 should be left in_use (its bits had no room), c2 absent: {info}"
+    );
+    assert_matches_twin(
+        dir,
+        lo.path(),
+        &done,
+        "full device after a failed mkdir vs qemu-io twin",
+    );
 }
 
 /// Refused within a few seconds, one line naming the file and what it is.
