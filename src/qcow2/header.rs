@@ -621,16 +621,22 @@ mod tests {
             .contains("header"));
     }
 
-    #[test]
-    fn walks_extensions_and_backing_name() {
+    /// `minimal_v3` with a backing format extension "qcow2", the end, then the name
+    /// "base.img" at 136.
+    fn with_backing() -> Vec<u8> {
         let mut b = minimal_v3();
-        // backing format extension "qcow2", then end, then the name.
         b[112..116].copy_from_slice(&EXT_BACKING_FORMAT.to_be_bytes());
         b[116..120].copy_from_slice(&5u32.to_be_bytes());
         b[120..125].copy_from_slice(b"qcow2");
         b[8..16].copy_from_slice(&136u64.to_be_bytes());
         b[16..20].copy_from_slice(&8u32.to_be_bytes());
         b[136..144].copy_from_slice(b"base.img");
+        b
+    }
+
+    #[test]
+    fn walks_extensions_and_backing_name() {
+        let mut b = with_backing();
         let h = Header::parse(&b[..65536], b.len() as u64).unwrap();
         assert_eq!(h.backing_format.as_deref(), Some("qcow2"));
         let name = h.backing_file.expect("a backing name");
@@ -649,13 +655,7 @@ mod tests {
 
     #[test]
     fn rewrite_keeps_extensions_and_name() {
-        let mut b = minimal_v3();
-        b[112..116].copy_from_slice(&EXT_BACKING_FORMAT.to_be_bytes());
-        b[116..120].copy_from_slice(&5u32.to_be_bytes());
-        b[120..125].copy_from_slice(b"qcow2");
-        b[8..16].copy_from_slice(&136u64.to_be_bytes());
-        b[16..20].copy_from_slice(&8u32.to_be_bytes());
-        b[136..144].copy_from_slice(b"base.img");
+        let b = with_backing();
         let h = Header::parse(&b[..65536], b.len() as u64).unwrap();
         let ext = BitmapsExt {
             nb_bitmaps: 2,
