@@ -14,9 +14,17 @@ fn refused(msg: String) -> Error {
     Error::new(ErrorKind::Refused, msg)
 }
 
+/// A bitmap name in the delta scheme's form: `child^parent` -> (`child`, Some(`parent`)).
+pub fn split_name(name: &str) -> (&str, Option<&str>) {
+    match name.split_once('^') {
+        Some((c, p)) => (c, Some(p)),
+        None => (name, None),
+    }
+}
+
 /// The bitmap's checkpoint name: `child^parent` -> `child`.
 pub fn ckpt_part(name: &str) -> &str {
-    name.split_once('^').map_or(name, |(c, _)| c)
+    split_name(name).0
 }
 
 impl Writer {

@@ -2,6 +2,7 @@
 //! snapshot), their order, and for each the sources whose union is its since-set.
 
 use super::libvirt::CheckpointXml;
+use crate::chain::bitmap_dir::{ckpt_part, split_name};
 use crate::chain::{Chain, Disk, LayerKind};
 use crate::qcow2::{Qcow2Image, Table};
 use std::collections::{BTreeMap, HashSet};
@@ -102,14 +103,6 @@ pub struct ModelOptions {
     pub live: bool,
 }
 
-/// The checkpoint part of a bitmap name: `child^parent` -> (`child`, Some(`parent`)).
-fn split_caret(name: &str) -> (&str, Option<&str>) {
-    match name.split_once('^') {
-        Some((c, p)) => (c, Some(p)),
-        None => (name, None),
-    }
-}
-
 /// A bitmap occurrence: where it is, which checkpoint it belongs to and the parent its name
 /// gives (`child^parent`).
 #[derive(Debug, Clone)]
@@ -127,7 +120,7 @@ impl Model {
         for (li, layer) in chain.layers.iter().enumerate() {
             if let Some(q) = layer.qcow2() {
                 for b in q.bitmaps().iter().filter(|b| !b.removed) {
-                    let (ckpt, parent) = split_caret(&b.entry.name);
+                    let (ckpt, parent) = split_name(&b.entry.name);
                     refs.push(BitmapRef {
                         layer: li,
                         ckpt: ckpt.to_string(),
@@ -145,10 +138,10 @@ impl Model {
                 let found = x
                     .bitmaps
                     .iter()
-                    .find(|b| refs.iter().any(|r| r.ckpt == *split_caret(b).0));
+                    .find(|b| refs.iter().any(|r| r.ckpt == *ckpt_part(b)));
                 match found {
                     Some(b) => {
-                        meta_alias.insert(split_caret(b).0.to_string(), x.name.clone());
+                        meta_alias.insert(ckpt_part(b).to_string(), x.name.clone());
                     }
                     None => meta_missing.push(Checkpoint {
                         name: x.name.clone(),
@@ -309,7 +302,7 @@ impl Model {
             .collect();
         // A bitmap's checkpoint part -> the checkpoint name the model uses for it.
         let ckpt_of = |bitmap_name: &str| -> String {
-            let key = split_caret(bitmap_name).0;
+            let key = ckpt_part(bitmap_name);
             alias.get(key).cloned().unwrap_or_else(|| key.to_string())
         };
         let images = qcow2_images(&chain);
