@@ -87,6 +87,16 @@ impl Layer {
         self.qcow2().map(|q| q.geo.cluster_size())
     }
 
+    /// The bytes of this layer's file that a mapped range of `len` guest bytes reads, as
+    /// (host offset, length); None where no file bytes are read (zeros).
+    pub fn host_span(m: Mapping, len: u64) -> Option<(u64, u64)> {
+        match m {
+            Mapping::Data(h) => Some((h.0, len)),
+            Mapping::Compressed { host_off, len } => Some((host_off.0, len)),
+            Mapping::Zero | Mapping::Unallocated => None,
+        }
+    }
+
     /// This layer's own mapping of `off` (below its virtual size), for up to `len` bytes.
     pub fn map(&self, table: Table, off: u64, len: u64) -> Result<(Mapping, u64)> {
         match &self.kind {

@@ -4,8 +4,21 @@
 use super::open::Chain;
 use crate::error::Result;
 use crate::qcow2::{Mapping, Table};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+
+/// How far ahead of a sequential reader the layers' bytes are asked for (`Disk::read_ahead`).
+pub const AHEAD: u64 = 16 << 20;
+
+/// Where a disk's sequential reader is: the end of its last read, how far the layers' bytes
+/// were asked for, and whether a read of this sequence waited for the disk.
+#[derive(Debug, Default)]
+struct Sequence {
+    next: AtomicU64,
+    asked: AtomicU64,
+    cold: AtomicBool,
+}
 
 /// A disk as seen from one layer downward: the current disk (start 0, active table), a layer
 /// checkpoint (start = that layer), or an internal snapshot (table = that snapshot).
@@ -16,6 +29,7 @@ pub struct Disk {
     pub table: Table,
     /// Lookups (`resolve` calls) made through this disk and its clones, for stats.json.
     lookups: Arc<AtomicU64>,
+    seq: Arc<Sequence>,
 }
 
 /// What a guest range resolves to through the chain.
@@ -40,6 +54,7 @@ impl Disk {
             start,
             table,
             lookups: Arc::default(),
+            seq: Arc::default(),
         }
     }
 
@@ -111,5 +126,131 @@ impl Disk {
             pos += n;
         }
         Ok(())
+    }
+
+    /// A read of `[off, off+len)` was answered; `waited`: it waited for the disk (it was
+    /// slow). From the first such read of a sequential reader on, make sure the layer files'
+    /// bytes behind the next `AHEAD` bytes of the disk are on their way into the page cache
+    /// (posix_fadvise WILLNEED, asked half a window at a time): the reader then finds them
+    /// there instead of waiting for one layer read at a time. Random reads, and sequential
+    /// reads of a chain in the page cache, ask for nothing.
+    pub fn read_ahead(&self, off: u64, len: u64, waited: bool) -> Result<()> {
+        match self.plan_ahead(off, len, waited) {
+            Some((from, to)) => self.advise(from, to),
+            None => Ok(()),
+        }
+    }
+
+    /// The guest range `read_ahead` asks for after this read, if any.
+    fn plan_ahead(&self, off: u64, len: u64, waited: bool) -> Option<(u64, u64)> {
+        let end = off.saturating_add(len);
+        // Near the last end counts as sequential: the reads of one reader are answered by
+        // several threads, and their calls here may come in any order.
+        let last = self.seq.next.swap(end, Ordering::Relaxed);
+        if last.abs_diff(off) > AHEAD / 4 || len == 0 {
+            self.seq.cold.store(waited, Ordering::Relaxed);
+            return None;
+        }
+        if waited {
+            self.seq.cold.store(true, Ordering::Relaxed);
+        } else if !self.seq.cold.load(Ordering::Relaxed) {
+            return None;
+        }
+        let asked = self.seq.asked.load(Ordering::Relaxed);
+        let from = if (end..=end + AHEAD).contains(&asked) {
+            asked
+        } else {
+            end
+        };
+        let to = end.saturating_add(AHEAD).min(self.size());
+        if to <= from || to - from < AHEAD / 2 && to < self.size() {
+            return None;
+        }
+        self.seq.asked.store(to, Ordering::Relaxed);
+        Some((from, to))
+    }
+
+    /// Ask for the layer files' bytes behind `[from, to)`, one call per contiguous host range.
+    fn advise(&self, from: u64, to: u64) -> Result<()> {
+        let mut pending: Option<(usize, u64, u64)> = None;
+        let flush = |p: Option<(usize, u64, u64)>| {
+            if let Some((d, start, end)) = p {
+                let fd = self.chain.layers[d].file().as_raw_fd();
+                let (o, l) = (start as libc::off_t, (end - start) as libc::off_t);
+                // SAFETY: posix_fadvise on a descriptor this chain holds open; advice only.
+                unsafe { libc::posix_fadvise(fd, o, l, libc::POSIX_FADV_WILLNEED) };
+            }
+        };
+        let mut at = from;
+        while at < to {
+            let (r, n) = self.resolve(at, to - at)?;
+            let n = n.max(1);
+            if let (Some(d), Some((h, l))) = (r.depth, super::Layer::host_span(r.mapping, n)) {
+                match &mut pending {
+                    Some((pd, _, pe)) if *pd == d && *pe == h => *pe = h + l,
+                    _ => flush(pending.replace((d, h, h + l))),
+                }
+            }
+            at += n;
+        }
+        flush(pending);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    /// The disk of a new, empty qcow2 image of `size` bytes (made by qemu-img).
+    fn empty_disk(dir: &std::path::Path, size: u64) -> Disk {
+        let path = dir.join("d.qcow2");
+        let st = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&path)
+            .arg(size.to_string())
+            .status()
+            .unwrap();
+        assert!(st.success(), "qemu-img create");
+        Disk::new(Arc::new(Chain::open(&path).unwrap()), 0, Table::Active)
+    }
+
+    #[test]
+    fn read_ahead_follows_cold_sequential_readers_only() {
+        let d = tempfile::tempdir().unwrap();
+        let disk = empty_disk(d.path(), 64 * MIB);
+        // Sequential reads from the page cache ask for nothing.
+        for i in 0..4 {
+            assert_eq!(disk.plan_ahead(i * MIB, MIB, false), None);
+        }
+        // The first read that waited starts a window ahead of the reader...
+        assert_eq!(
+            disk.plan_ahead(4 * MIB, MIB, true),
+            Some((5 * MIB, 5 * MIB + AHEAD))
+        );
+        // ...which is extended half a window at a time, also by reads that did not wait.
+        for i in 5..12 {
+            assert_eq!(disk.plan_ahead(i * MIB, MIB, false), None, "read {i}");
+        }
+        assert_eq!(
+            disk.plan_ahead(12 * MIB, MIB, false),
+            Some((5 * MIB + AHEAD, 13 * MIB + AHEAD))
+        );
+        // Reads answered out of order by different threads still count as sequential.
+        assert_eq!(disk.plan_ahead(14 * MIB, MIB, false), None);
+        assert_eq!(disk.plan_ahead(13 * MIB, MIB, false), None);
+        // Up to the disk's end, not past it.
+        let last = disk.plan_ahead(60 * MIB, MIB, true);
+        assert_eq!(last, None, "a jump of 46 MiB is not sequential");
+        assert_eq!(
+            disk.plan_ahead(61 * MIB, MIB, true),
+            Some((62 * MIB, 64 * MIB))
+        );
+        // A random reader, even a slow one, asks for nothing.
+        for off in [3 * MIB, 40 * MIB, 9 * MIB, 30 * MIB] {
+            assert_eq!(disk.plan_ahead(off, 4096, true), None);
+        }
     }
 }

@@ -12,7 +12,7 @@ use fuser::{
 use std::ffi::OsStr;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Attributes never change in a read-only mount, but a short TTL keeps stats.json honest.
 const TTL: Duration = Duration::from_secs(1);
@@ -118,8 +118,14 @@ impl Filesystem for FuseFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        let t = Instant::now();
         match self.core.read(ino.0, fh.0, offset, size) {
-            Ok(d) => reply.data(&d),
+            Ok(d) => {
+                let took = t.elapsed();
+                reply.data(&d);
+                // After the reply: the reader goes on while the next bytes are asked for.
+                self.core.read_ahead(ino.0, offset, d.len() as u64, took);
+            }
             Err(e) => reply.error(errno("read", &e)),
         }
     }

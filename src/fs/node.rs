@@ -45,6 +45,8 @@ pub struct DataFns {
     pub read: fn(&Engine, usize, u64, &mut [u8]) -> Result<()>,
     /// lseek: the first offset in `[off, size)` that is data (`true`) or a hole; None: none.
     pub seek: fn(&Engine, usize, u64, u64, bool) -> Result<Option<u64>>,
+    /// The disk whose bytes the file is, where it is one (read ahead for sequential readers).
+    pub disk: fn(&Engine, usize) -> Option<&Disk>,
 }
 
 /// Generates a file's whole text for checkpoint `ci`.
@@ -88,6 +90,7 @@ pub const CKPT_FILES: &[CkptFile] = &[
             blocks: |e, ci, _| ckpt_disk(e, ci).map_or(0, stored_blocks),
             read: |e, ci, off, buf| ckpt_disk(e, ci)?.read(off, buf),
             seek: |e, ci, off, size, data| seek_disk(ckpt_disk(e, ci)?, off, size, data),
+            disk: |e, ci| ckpt_disk(e, ci).ok(),
         }),
     },
     CkptFile {
@@ -106,6 +109,7 @@ pub const CKPT_FILES: &[CkptFile] = &[
                 Ok(e.next_block(ci, off / g, data)?
                     .map(|b| b.saturating_mul(g).max(off).min(size)))
             },
+            disk: |_, _| None,
         }),
     },
     CkptFile {
@@ -120,6 +124,7 @@ pub const CKPT_FILES: &[CkptFile] = &[
             blocks: |_, _, size| size.div_ceil(512),
             read: |e, ci, off, buf| e.read_bitmap(ci, off, buf),
             seek: |_, _, off, size, data| Ok(Some(if data { off } else { size })),
+            disk: |_, _| None,
         }),
     },
     CkptFile {
@@ -220,6 +225,14 @@ impl Node {
             Node::CurrentDisk => true,
             Node::Ckpt { .. } => self.ckpt_file().is_some_and(|(_, f)| f.direct_io),
             _ => false,
+        }
+    }
+
+    /// The disk this file's bytes are, for disk images.
+    pub fn disk<'e>(&self, e: &'e Engine) -> Option<&'e Disk> {
+        match self {
+            Node::CurrentDisk => Some(&e.current),
+            _ => self.data_file().and_then(|(ci, _, d)| (d.disk)(e, ci)),
         }
     }
 
