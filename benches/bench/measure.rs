@@ -107,6 +107,44 @@ pub fn first_seek_data(path: PathBuf) -> Res<f64> {
     })
 }
 
+/// What `cp --sparse=always` does to its source, without writing a copy: SEEK_DATA and
+/// SEEK_HOLE from run to run, each run read in `chunk`-byte pieces into one buffer. Returns the
+/// seconds and the data bytes read.
+pub fn walk_read(path: PathBuf, chunk: usize) -> Res<(f64, u64)> {
+    with_timeout(Duration::from_secs(600), "walk and read", move || {
+        let t = Instant::now();
+        let f = File::open(&path)?;
+        let fd = f.as_raw_fd();
+        let mut buf = vec![0u8; chunk];
+        let (mut pos, mut n) = (0i64, 0u64);
+        loop {
+            // SAFETY: lseek on an fd we own.
+            let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
+            if data < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() == Some(libc::ENXIO) {
+                    break;
+                }
+                return Err(e.into());
+            }
+            // SAFETY: as above.
+            let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+            if hole < 0 {
+                return Err(std::io::Error::last_os_error().into());
+            }
+            let mut at = data as u64;
+            while at < hole as u64 {
+                let k = ((hole as u64 - at) as usize).min(chunk);
+                f.read_exact_at(&mut buf[..k], at)?;
+                at += k as u64;
+                n += k as u64;
+            }
+            pos = hole;
+        }
+        Ok((t.elapsed().as_secs_f64(), n))
+    })
+}
+
 pub fn read_all(path: PathBuf) -> Res<(f64, u64)> {
     with_timeout(Duration::from_secs(600), "full read", move || {
         let t = Instant::now();

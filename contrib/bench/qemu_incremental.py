@@ -6,10 +6,11 @@
 SOCKET is a qemu-nbd (or qemu-storage-daemon NBD) export started with `-B BITMAP`. The script
 walks the export with NBD_CMD_BLOCK_STATUS on `qemu:dirty-bitmap:BITMAP`, reads every dirty
 extent and writes it at its offset into OUTPUT, a sparse file of the export's size (as a
-pull-mode backup client does). Prints "EXTENTS BYTES". Needs python3-libnbd (Debian:
+pull-mode backup client does), or into a device such as /dev/null. Prints "EXTENTS BYTES". Needs python3-libnbd (Debian:
 `apt-get install python3-libnbd`; it installs into /usr/bin/python3).
 """
 import os
+import stat
 import sys
 
 import nbd
@@ -55,7 +56,8 @@ def main():
 
     fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        os.ftruncate(fd, size)
+        if stat.S_ISREG(os.fstat(fd).st_mode):  # not /dev/null
+            os.ftruncate(fd, size)
         total = 0
         for o, length in dirty:
             length = min(length, size - o)
