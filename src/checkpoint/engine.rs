@@ -200,10 +200,7 @@ impl Engine {
             let chunk = self.chunk(ci, k)?;
             let in_chunk = at % chunk_bytes;
             let n = ((chunk_bytes - in_chunk) as usize).min(buf.len() - pos);
-            for j in 0..n {
-                let byte_idx = in_chunk as usize + j;
-                buf[pos + j] = (chunk[byte_idx / 8] >> ((byte_idx % 8) * 8)) as u8;
-            }
+            since::bytes_at(&chunk, in_chunk as usize, &mut buf[pos..pos + n]);
             pos += n;
         }
         Ok(())

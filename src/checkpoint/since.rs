@@ -196,6 +196,23 @@ fn add_snapshot_diff(
     Ok(())
 }
 
+/// Bytes `[from, from + dst.len())` of `bits` as stored (bit i of the chunk = bit i % 8 of
+/// byte i / 8, LSB first: the words little-endian), into `dst`.
+pub fn bytes_at(bits: &Bits, from: usize, dst: &mut [u8]) {
+    let mut filled = 0;
+    let mut skip = from % 8;
+    for w in bits.iter().skip(from / 8) {
+        if filled == dst.len() {
+            break;
+        }
+        let bytes = w.to_le_bytes();
+        let k = (8 - skip).min(dst.len() - filled);
+        dst[filled..filled + k].copy_from_slice(&bytes[skip..skip + k]);
+        filled += k;
+        skip = 0;
+    }
+}
+
 /// Number of set bits.
 pub fn count(bits: &Bits) -> u64 {
     bits.iter().map(|w| u64::from(w.count_ones())).sum()
@@ -243,6 +260,23 @@ fn or_bitmap(q: &Qcow2Image, bi: usize, b0: u64, b1: u64, bits: &mut Bits) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bytes_at_is_the_lsb_first_byte_order_at_any_offset() {
+        // A pattern that differs in every byte.
+        let bits: Bits = (0..5u64)
+            .map(|i| 0x0123_4567_89ab_cdef_u64.rotate_left(i as u32 * 8) ^ i)
+            .collect();
+        let byte = |i: usize| (bits[i / 8] >> ((i % 8) * 8)) as u8;
+        for from in 0..40 {
+            for len in 0..=(40 - from) {
+                let mut got = vec![0xeeu8; len];
+                bytes_at(&bits, from, &mut got);
+                let want: Vec<u8> = (from..from + len).map(byte).collect();
+                assert_eq!(got, want, "from {from} len {len}");
+            }
+        }
+    }
 
     #[test]
     fn set_range_edges() {
