@@ -7,6 +7,7 @@ pub mod lock;
 pub mod open;
 pub mod plan;
 pub mod read;
+mod reserve;
 pub mod usage;
 pub mod watch;
 pub mod write;
