@@ -5,13 +5,14 @@
 //! after a crash the reserve is leaked clusters at most, and a clean close or a failed update
 //! gives it back (refcount 0).
 //!
-//! Refills double from 1 MiB to 32 MiB, bounding the leak a crash can leave. Where that much
-//! does not fit (a block device near its end) a refill takes exactly what the write needs, one
-//! cluster at a time if no contiguous run is free; and an allocation for metadata that finds no
-//! room gives the reserve back first.
+//! Refills take the first free clusters (contiguous where the free space is), doubling from
+//! 1 MiB to 32 MiB, which bounds the leak a crash can leave, and reach ahead of the need only
+//! as far as the current refcount block counts. Where that much does not fit (a
+//! block device near its end) a refill takes exactly what the write needs; and an allocation
+//! for metadata that finds no room gives the reserve back first.
 
 use super::write::Writer;
-use crate::error::{ErrorKind, Result};
+use crate::error::{Error, ErrorKind, Result};
 use crate::qcow2::{HostCluster, HostOffset};
 use std::collections::VecDeque;
 
@@ -82,39 +83,29 @@ impl Writer {
     fn refill(&mut self, need: u64) -> Result<()> {
         let q = self.q.clone();
         let file = q.file();
-        let cb = q.geo.cluster_bits;
         let bytes = self.reserve.next_bytes.clamp(FIRST_BYTES, MAX_BYTES);
-        let want = need.max(bytes >> cb);
-        match self.rc.alloc_run(file, want) {
-            Ok(off) => {
-                self.reserve.runs.push_back((off.cluster(cb), want));
+        // Ahead of the need, no new refcount block (it would stay in the image at close).
+        let want = need.max((bytes >> q.geo.cluster_bits).min(self.rc.left_in_block()));
+        let runs = match self.rc.alloc_many(file, want) {
+            Ok(runs) => {
                 self.reserve.next_bytes = (bytes * 2).min(MAX_BYTES);
+                runs
             }
-            Err(e) if e.kind == ErrorKind::NoSpace => self.refill_exactly(need)?,
+            Err(e) if e.kind == ErrorKind::NoSpace && want > need => {
+                self.rc.alloc_many(file, need)?
+            }
             Err(e) => return Err(e),
-        }
+        };
+        self.reserve.runs.extend(runs);
         q.flush()
     }
 
-    /// Reserve exactly `need` clusters where a larger run does not fit: one run if one is free,
-    /// else cluster by cluster. What was reserved before a failure stays in the reserve, which
-    /// the failed update gives back.
-    fn refill_exactly(&mut self, need: u64) -> Result<()> {
-        let file = self.q.file();
-        let cb = self.q.geo.cluster_bits;
-        match self.rc.alloc_run(file, need) {
-            Ok(off) => {
-                self.reserve.runs.push_back((off.cluster(cb), need));
-                return Ok(());
-            }
-            Err(e) if e.kind == ErrorKind::NoSpace && need > 1 => {}
-            Err(e) => return Err(e),
-        }
-        for _ in 0..need {
-            let off = self.rc.alloc(file)?;
-            self.reserve.runs.push_back((off.cluster(cb), 1));
-        }
-        Ok(())
+    /// One new host cluster with a durable refcount, as `take_clusters`.
+    pub(super) fn take_cluster(&mut self) -> Result<HostOffset> {
+        self.take_clusters(1)?
+            .first()
+            .map(|&(off, _)| off)
+            .ok_or_else(|| Error::no_space("no cluster left in the reserve"))
     }
 
     /// Whether any cluster is reserved.

@@ -466,7 +466,8 @@ impl Writer {
             let changes = ups.iter().map(|u| (u.gc % per, u.entry));
             match q.l2_offset(Table::Active, l1_idx)? {
                 None => {
-                    let t = self.alloc()?;
+                    // From the reserve, after the data: the tables sit among the data they map.
+                    let t = self.take_cluster()?;
                     self.rc.protect(file, t, q.geo.cluster_size(), "L2 table")?;
                     let table = L2Table::empty(&q.geo).with(changes);
                     q.store_l2_table(t, &table)?;

@@ -279,8 +279,56 @@ impl Refcounts {
         }
     }
 
+    /// Clusters from the lowest free one to the end of the range its refcount block counts:
+    /// what can be allocated ahead without placing a new block.
+    pub fn left_in_block(&self) -> u64 {
+        let per = self.per_block();
+        per - self.next_free.max(1) % per
+    }
+
+    /// Allocate the first `n` free clusters (refcounts set to 1, one write per run and refcount
+    /// block), contiguous where the free space is; returns them as runs (first, clusters) in
+    /// order. On a block device with fewer free clusters: no room, nothing allocated.
+    pub fn alloc_many(&mut self, file: &File, n: u64) -> Result<Vec<(HostCluster, u64)>> {
+        let per = self.per_block();
+        let start = self.next_free.max(1);
+        let mut c = start;
+        let mut runs: Vec<(HostCluster, u64)> = Vec::new();
+        let mut got = 0;
+        while got < n {
+            self.room(c, c + 1)?;
+            let ti = c / per;
+            if ti >= self.table.len() as u64 {
+                self.grow(file)?;
+                continue;
+            }
+            if self.table[ti as usize] & OFFSET_MASK == 0 {
+                self.new_block_for_range(file, ti)?;
+                continue;
+            }
+            if self.get(file, HostCluster(c))? == 0 {
+                match runs.last_mut() {
+                    Some((first, k)) if first.0 + *k == c => *k += 1,
+                    _ => runs.push((HostCluster(c), 1)),
+                }
+                got += 1;
+            }
+            c += 1;
+        }
+        for &(first, k) in &runs {
+            self.update_run(file, first, k, |_, _| Ok(1))?;
+        }
+        // Every free cluster in [start, c) was taken (unless one was freed meanwhile).
+        if self.next_free.max(1) == start {
+            self.next_free = c;
+        }
+        Ok(runs)
+    }
+
     /// Allocate `n` contiguous free clusters (refcounts set to 1, one write per refcount
-    /// block); returns the first offset.
+    /// block); returns the first offset. A run that would need a new refcount block inside it
+    /// while it is longer than one block's range can never be found (that block takes the
+    /// range's first cluster): refused, as no room.
     pub fn alloc_run(&mut self, file: &File, n: u64) -> Result<HostOffset> {
         if n <= 1 {
             return self.alloc(file);
@@ -300,6 +348,12 @@ impl Refcounts {
                     continue 'search;
                 }
                 if self.table[ti as usize] & OFFSET_MASK == 0 {
+                    if n >= per {
+                        return Err(Error::no_space(format!(
+                            "no run of {n} contiguous clusters: a new refcount block would \
+                             split it (each counts {per})"
+                        )));
+                    }
                     self.new_block_for_range(file, ti)?;
                     continue 'search;
                 }
