@@ -94,6 +94,7 @@ fn restore_4k_clusters_unaligned_writes_checks_clean_and_equals_the_source() {
 /// `qemu-img check IMAGE` after a crash: no corruption, at most leaked clusters.
 fn assert_leaks_at_most(image: &Path, what: &str) {
     let (code, out) = check(image);
+    println!("{what}: qemu-img check exit {code:?}");
     let leaks_only = code == Some(3) && out.contains("leaked clusters");
     assert!(
         (code == Some(0) || leaks_only) && !out.contains("ERROR"),
