@@ -3,6 +3,7 @@
 
 pub mod access;
 pub mod bitmap_dir;
+mod direct;
 pub mod lock;
 pub mod open;
 pub mod plan;

@@ -17,6 +17,7 @@
 //! fsync/flush, which makes everything durable. A kill -9 loses nothing written, since every
 //! write reached the kernel in that order.
 
+use super::direct::Direct;
 use super::open::Chain;
 use super::read::Disk;
 use super::reserve::Reserve;
@@ -45,6 +46,8 @@ pub struct Writer {
     pub(super) fresh: Vec<HostOffset>,
     /// Clusters counted ahead for the data of later writes.
     pub(super) reserve: Reserve,
+    /// The image opened with O_DIRECT for long data runs (None: the file system refuses it).
+    direct: Option<Direct>,
     closed: bool,
 }
 
@@ -123,6 +126,7 @@ impl Writer {
             bitmaps_ok: autoclear_ok,
             fresh: Vec::new(),
             reserve: Reserve::default(),
+            direct: Direct::open(q.file()),
             closed: false,
         };
         if fix_autoclear {
@@ -374,8 +378,8 @@ impl Writer {
 
     /// Write the pieces' bytes at `hosts`: one write per run of request bytes contiguous on
     /// the host, one per copy-on-write cluster.
-    fn write_pieces(&self, pieces: &[Piece], hosts: &[HostOffset], data: &[u8]) -> Result<()> {
-        let q = &self.q;
+    fn write_pieces(&mut self, pieces: &[Piece], hosts: &[HostOffset], data: &[u8]) -> Result<()> {
+        let q = self.q.clone();
         let mut run: Option<(HostOffset, Range<usize>)> = None;
         for (p, &host) in pieces.iter().zip(hosts) {
             let at = host + p.in_off;
@@ -387,16 +391,30 @@ impl Writer {
                     }
                     _ => {
                         if let Some((start, cur)) = run.replace((at, r.clone())) {
-                            q.write_at(start, &data[cur], "data")?;
+                            self.write_run(start, &data[cur])?;
                         }
                     }
                 },
             }
         }
         if let Some((start, cur)) = run {
-            q.write_at(start, &data[cur], "data")?;
+            self.write_run(start, &data[cur])?;
         }
         Ok(())
+    }
+
+    /// Write one run of request bytes: past the page cache where it is long and aligned and
+    /// the file system allows it, else through it.
+    fn write_run(&mut self, at: HostOffset, bytes: &[u8]) -> Result<()> {
+        if let Some(d) = self.direct.as_mut().filter(|_| Direct::fits(at.0, bytes)) {
+            if d.write_at(at.0, bytes)
+                .map_err(|e| Error::io("write data", e))?
+            {
+                return Ok(());
+            }
+            self.direct = None;
+        }
+        self.q.write_at(at, bytes, "data")
     }
 
     /// Make `[off, off+len)` read as zeros: whole clusters become zero clusters (v3), edges and
