@@ -1,15 +1,16 @@
 //! Clusters counted ahead of the writes that use them, so that a write takes new clusters
-//! without a flush of its own. A refill sets the refcounts of one contiguous run (one write per
-//! refcount block) and flushes once; writes then take clusters from the front, in order, so
-//! the data of one request lands in one host run. Nothing ever points at a reserved cluster:
+//! without a flush of its own. A refill sets the refcounts of its clusters (one write per run
+//! and refcount block) and flushes once; writes then take clusters from the front, in order, so
+//! the data of one request lands in one host run where the free space allows, followed by any
+//! new L2 table it needs. Nothing ever points at a reserved cluster:
 //! after a crash the reserve is leaked clusters at most, and a clean close or a failed update
 //! gives it back (refcount 0).
 //!
 //! Refills take the first free clusters (contiguous where the free space is), doubling from
 //! 1 MiB to 32 MiB, which bounds the leak a crash can leave, and reach ahead of the need only
-//! as far as the current refcount block counts. Where that much does not fit (a
-//! block device near its end) a refill takes exactly what the write needs; and an allocation
-//! for metadata that finds no room gives the reserve back first.
+//! as far as the current refcount block counts. Where that much does not fit (a block device
+//! near its end) a refill takes exactly what the write needs; and an allocation for metadata
+//! that finds no room gives the reserve back first.
 
 use super::write::Writer;
 use crate::error::{Error, ErrorKind, Result};

@@ -6,8 +6,9 @@
 //!
 //! One request is planned first (which guest clusters are written in place, which get a new
 //! host cluster, which need copy-on-write), then written: new clusters come from the reserve
-//! (reserve.rs) as contiguous runs, the data goes out as one write per contiguous host run, and
-//! the changed entries of each L2 table as one write of their range.
+//! (reserve.rs) as contiguous runs, the data goes out as one write per contiguous host run (past
+//! the page cache when long, direct.rs), and the changed entries of each L2 table as one write
+//! of their range.
 //!
 //! Ordering (QEMU's, with cache=writeback; a crash leaves at most leaks): a new cluster's
 //! refcount is durable before any entry points at it (the reserve is flushed when refilled); a
