@@ -4,12 +4,24 @@
 //! Zeroing whole clusters sets zero flags. Every enabled trusted bitmap of the top image is
 //! marked in memory and stored at close.
 //!
-//! Ordering (crash leaves at most leaks): new clusters' refcounts and data and new L2 tables are
-//! flushed before any L2/L1 entry points at them; freed clusters lose their refcount only after
-//! the entry that dropped them is flushed.
+//! One request is planned first (which guest clusters are written in place, which get a new
+//! host cluster, which need copy-on-write), then written: new clusters come from the reserve
+//! (reserve.rs) as contiguous runs, the data goes out as one write per contiguous host run (past
+//! the page cache when long, direct.rs), and the changed entries of each L2 table as one write
+//! of their range.
+//!
+//! Ordering (QEMU's, with cache=writeback; a crash leaves at most leaks): a new cluster's
+//! refcount is durable before any entry points at it (the reserve is flushed when refilled); a
+//! new L2 table's content is flushed before the L1 entry points at it; an entry no longer
+//! pointing at a cluster is flushed before that cluster's refcount drops. Data is written before
+//! its entry but not flushed first: as in QEMU, a write is durable after the user's
+//! fsync/flush, which makes everything durable. A kill -9 loses nothing written, since every
+//! write reached the kernel in that order.
 
+use super::direct::Direct;
 use super::open::Chain;
 use super::read::Disk;
+use super::reserve::Reserve;
 use crate::error::{Error, ErrorKind, Result};
 use crate::qcow2::bitmaps::{self, TableEntry, FLAG_IN_USE};
 use crate::qcow2::header::{store_autoclear, AUTOCLEAR_BITMAPS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
@@ -18,6 +30,7 @@ use crate::qcow2::refcount::Refcounts;
 use crate::qcow2::{guard, refcheck};
 use crate::qcow2::{BitmapCluster, HostCluster, HostOffset, Qcow2Image, Table};
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::sync::Arc;
 
 pub struct Writer {
@@ -32,6 +45,10 @@ pub struct Writer {
     /// Host clusters the write or directory update in progress allocated and nothing points
     /// at yet: released if it fails (ENOSPC on a device), so a failed update leaks nothing.
     pub(super) fresh: Vec<HostOffset>,
+    /// Clusters counted ahead for the data of later writes.
+    pub(super) reserve: Reserve,
+    /// The image opened with O_DIRECT for long data runs (None: the file system refuses it).
+    direct: Option<Direct>,
     closed: bool,
 }
 
@@ -39,6 +56,26 @@ pub struct Writer {
 struct Update {
     gc: u64,
     entry: L2Entry,
+}
+
+/// Where the bytes written to one guest cluster come from.
+enum Bytes {
+    /// This range of the request, written at the piece's `in_off`.
+    Request(Range<usize>),
+    /// The whole cluster: its current content (copy-on-write) with the new bytes on top.
+    Whole(Vec<u8>),
+}
+
+/// One guest cluster a write touches, planned before anything is written.
+struct Piece {
+    gc: u64,
+    /// Where in the cluster `bytes` go (0 for a whole cluster).
+    in_off: u64,
+    bytes: Bytes,
+    /// The host cluster it owns, where it has one the write keeps.
+    host: Option<HostOffset>,
+    /// The entry changes to name `host` as a plain data cluster.
+    remap: bool,
 }
 
 impl Writer {
@@ -89,6 +126,8 @@ impl Writer {
             dir,
             bitmaps_ok: autoclear_ok,
             fresh: Vec::new(),
+            reserve: Reserve::default(),
+            direct: Direct::open(q.file()),
             closed: false,
         };
         if fix_autoclear {
@@ -189,27 +228,37 @@ impl Writer {
         self.alloc_run(1)
     }
 
-    /// `n` new contiguous host clusters (refcount 1), released again if the update they are
-    /// for fails before anything points at them (see `settle`).
+    /// `n` new contiguous host clusters (refcount 1, written but not flushed), released again
+    /// if the update they are for fails before anything points at them (see `settle`). Where
+    /// they do not fit, the reserve is given back first.
     pub(super) fn alloc_run(&mut self, n: u64) -> Result<HostOffset> {
-        let q = &self.q;
+        let q = self.q.clone();
         let cs = q.geo.cluster_size();
-        let off = self.rc.alloc_run(q.file(), n)?;
+        let off = match self.rc.alloc_run(q.file(), n) {
+            Err(e) if e.kind == ErrorKind::NoSpace && self.has_reserve() => {
+                self.release_reserve()?;
+                self.rc.alloc_run(q.file(), n)?
+            }
+            r => r?,
+        };
         q.note_file_end(off + n * cs);
         self.fresh.extend((0..n).map(|k| off + k * cs));
         Ok(off)
     }
 
     /// After a write or directory update: on failure, give back the clusters it allocated
-    /// that nothing points at.
+    /// that nothing points at, and the reserve.
     pub(super) fn settle(&mut self, r: Result<()>) -> Result<()> {
         let fresh = std::mem::take(&mut self.fresh);
         if r.is_err() {
-            let q = &self.q;
+            let q = self.q.clone();
             for off in fresh {
                 if let Err(e) = self.rc.decrement(q.file(), off.cluster(q.geo.cluster_bits)) {
                     log::error!("{}: releasing cluster {off}: {e}", q.path.display());
                 }
+            }
+            if let Err(e) = self.release_reserve() {
+                log::error!("{}: releasing reserved clusters: {e}", q.path.display());
             }
         }
         r
@@ -243,51 +292,130 @@ impl Writer {
 
     fn write_clusters(&mut self, off: u64, data: &[u8]) -> Result<()> {
         self.check_range(off, data.len() as u64)?;
-        let cs = self.q.geo.cluster_size();
+        let (pieces, frees) = self.plan(off, data)?;
+        let hosts = self.place(&pieces)?;
         let mut updates = Vec::new();
+        for (p, &host) in pieces.iter().zip(&hosts) {
+            self.not_metadata(p.gc, host, self.q.geo.cluster_size())?;
+            if p.remap {
+                updates.push(Update {
+                    gc: p.gc,
+                    entry: L2Entry::data(host, &self.q.geo),
+                });
+            }
+        }
+        self.write_pieces(&pieces, &hosts, data)?;
+        self.commit(updates, frees)?;
+        self.mark(off, data.len() as u64)
+    }
+
+    /// The guest clusters `data` at `off` touches, each with the bytes it gets: written in
+    /// place where the cluster is allocated, unshared and all data; else the whole cluster
+    /// (copy-on-write where the request covers part of it) into the owned cluster or a new one.
+    /// Also the host clusters the new entries stop pointing at.
+    fn plan(&mut self, off: u64, data: &[u8]) -> Result<(Vec<Piece>, Vec<HostCluster>)> {
+        let cs = self.q.geo.cluster_size();
+        let mut pieces = Vec::new();
         let mut frees = Vec::new();
-        let mut allocated = false;
         let mut pos = 0usize;
         while pos < data.len() {
             let at = off + pos as u64;
-            let gc = at / cs;
-            let in_off = at % cs;
+            let (gc, in_off) = (at / cs, at % cs);
             let n = ((cs - in_off) as usize).min(data.len() - pos);
-            let chunk = &data[pos..pos + n];
+            let range = pos..pos + n;
+            pos += n;
             let e = self.entry(gc)?;
             let fully_mapped = e.all_data(&self.q.geo);
-            match self.owned_host(gc, e)? {
-                Some(host) if fully_mapped => {
-                    self.not_metadata(gc, host, cs)?;
-                    self.q.write_at(host + in_off, chunk, "data")?;
-                }
-                owned => {
-                    // Copy-on-write: the cluster as it reads now, with the new bytes on top.
-                    let mut buf = vec![0u8; cs as usize];
-                    if n as u64 != cs {
-                        Disk::new(self.chain.clone(), 0, Table::Active).read(gc * cs, &mut buf)?;
-                    }
-                    buf[in_off as usize..in_off as usize + n].copy_from_slice(chunk);
-                    let host = match owned {
-                        Some(h) => h,
-                        None => {
-                            frees.extend(self.freed_by(gc, e)?);
-                            allocated = true;
-                            self.alloc()?
-                        }
-                    };
-                    self.not_metadata(gc, host, cs)?;
-                    self.q.write_at(host, &buf, "data")?;
-                    updates.push(Update {
-                        gc,
-                        entry: L2Entry::data(host, &self.q.geo),
-                    });
-                }
+            let owned = self.owned_host(gc, e)?;
+            if owned.is_some() && fully_mapped {
+                pieces.push(Piece {
+                    gc,
+                    in_off,
+                    bytes: Bytes::Request(range),
+                    host: owned,
+                    remap: false,
+                });
+                continue;
             }
-            pos += n;
+            let bytes = if n as u64 == cs {
+                Bytes::Request(range)
+            } else {
+                let mut buf = vec![0u8; cs as usize];
+                Disk::new(self.chain.clone(), 0, Table::Active).read(gc * cs, &mut buf)?;
+                buf[in_off as usize..in_off as usize + n].copy_from_slice(&data[range]);
+                Bytes::Whole(buf)
+            };
+            if owned.is_none() {
+                frees.extend(self.freed_by(gc, e)?);
+            }
+            pieces.push(Piece {
+                gc,
+                in_off: 0,
+                bytes,
+                host: owned,
+                remap: true,
+            });
         }
-        self.commit(updates, frees, allocated)?;
-        self.mark(off, data.len() as u64)
+        Ok((pieces, frees))
+    }
+
+    /// The host cluster of each piece: its own, or a new one from the reserve, in order.
+    fn place(&mut self, pieces: &[Piece]) -> Result<Vec<HostOffset>> {
+        let need = pieces.iter().filter(|p| p.host.is_none()).count() as u64;
+        let cs = self.q.geo.cluster_size();
+        let mut new = self
+            .take_clusters(need)?
+            .into_iter()
+            .flat_map(|(off, k)| (0..k).map(move |i| off + i * cs));
+        pieces
+            .iter()
+            .map(|p| {
+                p.host
+                    .or_else(|| new.next())
+                    .ok_or_else(|| Error::no_space("the reserve ran short of clusters"))
+            })
+            .collect()
+    }
+
+    /// Write the pieces' bytes at `hosts`: one write per run of request bytes contiguous on
+    /// the host, one per copy-on-write cluster.
+    fn write_pieces(&mut self, pieces: &[Piece], hosts: &[HostOffset], data: &[u8]) -> Result<()> {
+        let q = self.q.clone();
+        let mut run: Option<(HostOffset, Range<usize>)> = None;
+        for (p, &host) in pieces.iter().zip(hosts) {
+            let at = host + p.in_off;
+            match &p.bytes {
+                Bytes::Whole(buf) => q.write_at(at, buf, "data")?,
+                Bytes::Request(r) => match &mut run {
+                    Some((start, cur)) if *start + cur.len() as u64 == at && cur.end == r.start => {
+                        cur.end = r.end;
+                    }
+                    _ => {
+                        if let Some((start, cur)) = run.replace((at, r.clone())) {
+                            self.write_run(start, &data[cur])?;
+                        }
+                    }
+                },
+            }
+        }
+        if let Some((start, cur)) = run {
+            self.write_run(start, &data[cur])?;
+        }
+        Ok(())
+    }
+
+    /// Write one run of request bytes: past the page cache where it is long and aligned and
+    /// the file system allows it, else through it.
+    fn write_run(&mut self, at: HostOffset, bytes: &[u8]) -> Result<()> {
+        if let Some(d) = self.direct.as_mut().filter(|_| Direct::fits(at.0, bytes)) {
+            if d.write_at(at.0, bytes)
+                .map_err(|e| Error::io("write data", e))?
+            {
+                return Ok(());
+            }
+            self.direct = None;
+        }
+        self.q.write_at(at, bytes, "data")
     }
 
     /// Make `[off, off+len)` read as zeros: whole clusters become zero clusters (v3), edges and
@@ -320,7 +448,7 @@ impl Writer {
                 updates.push(Update { gc, entry: new });
             }
         }
-        self.commit(updates, frees, false)?;
+        self.commit(updates, frees)?;
         self.write_zeros(last_full, end - last_full)?;
         self.mark(off, len)
     }
@@ -336,14 +464,10 @@ impl Writer {
         Ok(())
     }
 
-    /// Point L2 entries at their new clusters, creating L2 tables where needed, in crash-safe
-    /// order, then release what they no longer reference.
-    fn commit(
-        &mut self,
-        updates: Vec<Update>,
-        frees: Vec<HostCluster>,
-        allocated: bool,
-    ) -> Result<()> {
+    /// Point L2 entries at their new clusters (whose refcounts are durable), creating L2 tables
+    /// where needed, in crash-safe order, then release what they no longer reference. The
+    /// changed entries of one table are stored as one write of their range.
+    fn commit(&mut self, updates: Vec<Update>, frees: Vec<HostCluster>) -> Result<()> {
         if updates.is_empty() {
             return Ok(());
         }
@@ -361,7 +485,8 @@ impl Writer {
             let changes = ups.iter().map(|u| (u.gc % per, u.entry));
             match q.l2_offset(Table::Active, l1_idx)? {
                 None => {
-                    let t = self.alloc()?;
+                    // From the reserve, after the data: the tables sit among the data they map.
+                    let t = self.take_cluster()?;
                     self.rc.protect(file, t, q.geo.cluster_size(), "L2 table")?;
                     let table = L2Table::empty(&q.geo).with(changes);
                     q.store_l2_table(t, &table)?;
@@ -369,20 +494,19 @@ impl Writer {
                 }
                 Some(l2) => {
                     let table = q.l2_table(l2)?.with(changes);
-                    let idxs: Vec<u64> = ups.iter().map(|u| u.gc % per).collect();
-                    edits.push((l2, idxs, table));
+                    let first = ups.iter().map(|u| u.gc % per).min().unwrap_or(0);
+                    let end = ups.iter().map(|u| u.gc % per + 1).max().unwrap_or(0);
+                    edits.push((l2, first..end, table));
                 }
             }
         }
-        if allocated || !new_tables.is_empty() {
+        if !new_tables.is_empty() {
             q.flush()?;
         }
         // From here entries point at the new clusters: a failure leaves leaks at most.
         self.fresh.clear();
-        for (l2, idxs, table) in edits {
-            for i in idxs {
-                q.store_l2_entry(l2, &table, i)?;
-            }
+        for (l2, range, table) in edits {
+            q.store_l2_entries(l2, &table, range)?;
             q.l2_updated(l2, table);
         }
         for (l1_idx, l2, table) in new_tables {
@@ -447,7 +571,8 @@ impl Writer {
         self.q.flush()
     }
 
-    /// Store the marked bitmap clusters, then clear in_use (a clean close). If they cannot be
+    /// Give the reserve back, store the marked bitmap clusters, then clear in_use (a clean
+    /// close). If they cannot be
     /// stored (ENOSPC on a device), the bitmaps stay in_use, as QEMU leaves them, and the
     /// cluster taken for the one that failed is given back.
     pub fn close(&mut self) -> Result<()> {
@@ -455,8 +580,10 @@ impl Writer {
             return Ok(());
         }
         self.closed = true;
+        let released = self.release_reserve();
         let r = self.store_bitmaps();
         self.settle(r)?;
+        released?;
         self.set_in_use(false)
     }
 

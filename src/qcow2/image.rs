@@ -14,6 +14,7 @@ use lru::LruCache;
 use parking_lot::{Mutex, RwLock};
 use std::fs::File;
 use std::num::NonZeroUsize;
+use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
@@ -543,10 +544,16 @@ impl Qcow2Image {
         self.write_at(at, &table.to_bytes(), "L2 table")
     }
 
-    /// Writer side: store entry `i` of `table`, the L2 table at `at`, in place.
-    pub fn store_l2_entry(&self, at: HostOffset, table: &L2Table, i: u64) -> Result<()> {
-        let (pos, bytes) = table.entry_bytes(i);
-        self.write_at(at + pos, &bytes, "L2 entry")
+    /// Writer side: store entries `range` of `table`, the L2 table at `at`, in place (one
+    /// write).
+    pub fn store_l2_entries(
+        &self,
+        at: HostOffset,
+        table: &L2Table,
+        range: Range<u64>,
+    ) -> Result<()> {
+        let (pos, bytes) = table.entries_bytes(range);
+        self.write_at(at + pos, &bytes, "L2 entries")
     }
 
     /// Writer side: store `entry` as active L1 entry `idx`, on disk and in memory.

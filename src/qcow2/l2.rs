@@ -197,14 +197,17 @@ impl L2Table {
         self.words.iter().flat_map(|e| e.to_be_bytes()).collect()
     }
 
-    /// Entry `i` as stored, and its byte position in the table.
-    pub fn entry_bytes(&self, i: u64) -> (u64, Vec<u8>) {
-        let e = self.get(i);
-        let mut out = e.entry.to_be_bytes().to_vec();
-        if self.extended {
-            out.extend_from_slice(&e.bitmap.to_be_bytes());
+    /// Entries `range` as stored, and the byte position of the first in the table.
+    pub fn entries_bytes(&self, range: std::ops::Range<u64>) -> (u64, Vec<u8>) {
+        let mut out = Vec::new();
+        for i in range.clone() {
+            let e = self.get(i);
+            out.extend_from_slice(&e.entry.to_be_bytes());
+            if self.extended {
+                out.extend_from_slice(&e.bitmap.to_be_bytes());
+            }
         }
-        (i * self.words() as u64 * 8, out)
+        (range.start * self.words() as u64 * 8, out)
     }
 }
 
@@ -397,12 +400,18 @@ mod tests {
             L2Entry::default(),
             "past the end reads unallocated"
         );
-        let (pos, bytes) = t.entry_bytes(3);
+        let (pos, bytes) = t.entries_bytes(3..4);
         assert_eq!(pos, 48);
         assert_eq!(bytes.len(), 16);
         let all = t.to_bytes();
         assert_eq!(all.len(), 16384);
         assert_eq!(&all[48..64], &bytes[..]);
+        let (pos, bytes) = t.entries_bytes(2..5);
+        assert_eq!(
+            (pos, &bytes[..]),
+            (32, &all[32..80]),
+            "a range is one contiguous store"
+        );
         let back = L2Table::parse(&all, true);
         assert_eq!(back.iter().filter(|e| *e != L2Entry::default()).count(), 1);
         assert!(back.get(3).is_copied() && !back.get(3).is_compressed());

@@ -180,40 +180,69 @@ impl Refcounts {
 
     /// Set the refcount of cluster `c`, whose block must exist.
     fn set(&mut self, file: &File, c: HostCluster, v: u64) -> Result<()> {
+        self.update_run(file, c, 1, |_, _| Ok(v))
+    }
+
+    /// Give each cluster `k` of `[c0, c0+n)` the refcount `f(k, old)`, where every block exists: one
+    /// write per refcount block touched. Nothing changes, in memory or on disk, in a block
+    /// where `f` fails.
+    fn update_run(
+        &mut self,
+        file: &File,
+        c0: HostCluster,
+        n: u64,
+        f: impl Fn(u64, u64) -> Result<u64>,
+    ) -> Result<()> {
         let per = self.per_block();
         let bits = self.bits;
-        if bits < 64 && v >= 1 << bits {
-            return Err(Error::unsupported(format!(
-                "refcount of cluster {c} would overflow {bits} bits"
-            )));
-        }
-        let off = self
-            .table
-            .get((c.0 / per) as usize)
-            .map_or(0, |e| e & OFFSET_MASK);
-        if off == 0 {
-            return Err(Error::corrupt(format!("no refcount block for cluster {c}")));
-        }
-        let b = self.block(file, off)?;
-        let (s, e) = Self::set_in(b, c.0 % per, bits, v);
-        file.write_all_at(&b[s..e], off + s as u64)
-            .map_err(|e| io("write refcount block", e))?;
-        if v == 0 {
-            self.guard.release(c);
-            self.next_free = self.next_free.min(c.0);
+        let end = c0.0 + n;
+        let mut c = c0.0;
+        while c < end {
+            let ti = c / per;
+            let stop = ((ti + 1) * per).min(end);
+            let off = self.table.get(ti as usize).map_or(0, |e| e & OFFSET_MASK);
+            if off == 0 {
+                return Err(Error::corrupt(format!("no refcount block for cluster {c}")));
+            }
+            let b = self.block(file, off)?;
+            let new = (c..stop)
+                .map(|k| {
+                    let v = f(k, Self::get_in(b, k % per, bits))?;
+                    if bits < 64 && v >= 1 << bits {
+                        return Err(Error::unsupported(format!(
+                            "refcount of cluster {k} would overflow {bits} bits"
+                        )));
+                    }
+                    Ok(v)
+                })
+                .collect::<Result<Vec<u64>>>()?;
+            let (mut lo, mut hi) = (usize::MAX, 0);
+            for (k, &v) in (c..stop).zip(&new) {
+                let (s, e) = Self::set_in(b, k % per, bits, v);
+                (lo, hi) = (lo.min(s), hi.max(e));
+            }
+            file.write_all_at(&b[lo..hi], off + lo as u64)
+                .map_err(|e| io("write refcount block", e))?;
+            for (k, _) in (c..stop).zip(&new).filter(|(_, &v)| v == 0) {
+                self.guard.release(HostCluster(k));
+                self.next_free = self.next_free.min(k);
+            }
+            c = stop;
         }
         Ok(())
     }
 
     /// Drop one reference to cluster `c`.
     pub fn decrement(&mut self, file: &File, c: HostCluster) -> Result<()> {
-        let v = self.get(file, c)?;
-        if v == 0 {
-            return Err(Error::corrupt(format!(
-                "refcount of cluster {c} is already 0"
-            )));
-        }
-        self.set(file, c, v - 1)
+        self.release_run(file, c, 1)
+    }
+
+    /// Drop one reference to each cluster of `[c0, c0+n)`, one write per refcount block.
+    pub fn release_run(&mut self, file: &File, c0: HostCluster, n: u64) -> Result<()> {
+        self.update_run(file, c0, n, |k, v| {
+            v.checked_sub(1)
+                .ok_or_else(|| Error::corrupt(format!("refcount of cluster {k} is already 0")))
+        })
     }
 
     /// Allocate one free cluster (refcount set to 1, written through); returns its offset.
@@ -250,13 +279,65 @@ impl Refcounts {
         }
     }
 
-    /// Allocate `n` contiguous free clusters (refcounts set to 1); returns the first offset.
+    /// Clusters from the lowest free one to the end of the range its refcount block counts:
+    /// what can be allocated ahead without placing a new block.
+    pub fn left_in_block(&self) -> u64 {
+        let per = self.per_block();
+        per - self.next_free.max(1) % per
+    }
+
+    /// Allocate the first `n` free clusters (refcounts set to 1, one write per run and refcount
+    /// block), contiguous where the free space is; returns them as runs (first, clusters) in
+    /// order. On a block device with fewer free clusters: no room, nothing allocated.
+    pub fn alloc_many(&mut self, file: &File, n: u64) -> Result<Vec<(HostCluster, u64)>> {
+        let per = self.per_block();
+        let start = self.next_free.max(1);
+        let mut c = start;
+        let mut runs: Vec<(HostCluster, u64)> = Vec::new();
+        let mut got = 0;
+        while got < n {
+            self.room(c, c + 1)?;
+            let ti = c / per;
+            if ti >= self.table.len() as u64 {
+                self.grow(file)?;
+                continue;
+            }
+            if self.table[ti as usize] & OFFSET_MASK == 0 {
+                self.new_block_for_range(file, ti)?;
+                continue;
+            }
+            if self.get(file, HostCluster(c))? == 0 {
+                match runs.last_mut() {
+                    Some((first, k)) if first.0 + *k == c => *k += 1,
+                    _ => runs.push((HostCluster(c), 1)),
+                }
+                got += 1;
+            }
+            c += 1;
+        }
+        for &(first, k) in &runs {
+            self.update_run(file, first, k, |_, _| Ok(1))?;
+        }
+        // Every free cluster in [start, c) was taken (unless one was freed meanwhile).
+        if self.next_free.max(1) == start {
+            self.next_free = c;
+        }
+        Ok(runs)
+    }
+
+    /// Allocate `n` contiguous free clusters (refcounts set to 1, one write per refcount
+    /// block); returns the first offset. A run that would need a new refcount block inside it
+    /// while it is longer than one block's range can never be found (that block takes the
+    /// range's first cluster): refused, as no room.
     pub fn alloc_run(&mut self, file: &File, n: u64) -> Result<HostOffset> {
         if n <= 1 {
             return self.alloc(file);
         }
         let per = self.per_block();
-        let mut start = self.next_free.max(1);
+        let first = self.next_free.max(1);
+        let mut start = first;
+        // Whether every cluster in [first, start) is in use (then next_free can move past).
+        let mut dense = true;
         'search: loop {
             self.room(start, start + n)?;
             for k in 0..n {
@@ -267,16 +348,24 @@ impl Refcounts {
                     continue 'search;
                 }
                 if self.table[ti as usize] & OFFSET_MASK == 0 {
+                    if n >= per {
+                        return Err(Error::no_space(format!(
+                            "no run of {n} contiguous clusters: a new refcount block would \
+                             split it (each counts {per})"
+                        )));
+                    }
                     self.new_block_for_range(file, ti)?;
                     continue 'search;
                 }
                 if self.get(file, HostCluster(c))? != 0 {
+                    dense &= k == 0;
                     start = c + 1;
                     continue 'search;
                 }
             }
-            for k in 0..n {
-                self.set(file, HostCluster(start + k), 1)?;
+            self.update_run(file, HostCluster(start), n, |_, _| Ok(1))?;
+            if dense {
+                self.next_free = start + n;
             }
             return Ok(HostCluster(start).offset(self.cluster_bits));
         }

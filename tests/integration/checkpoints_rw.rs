@@ -1026,3 +1026,46 @@ fn mkdir_names() {
         }
     }
 }
+
+/// A bitmap table longer than what one refcount block counts (512-byte clusters, 64-bit
+/// refcounts: 64 clusters per block; an 8 GiB disk at 512-byte granularity needs a 64-cluster
+/// table) cannot be placed as one run past blocks that each new range keeps in its first
+/// cluster. mkdir answers ENOSPC without growing the image (the allocator used to place
+/// refcount blocks range after range until the refcount table was full: 64 MiB here, far more
+/// with larger clusters), and the image still checks clean.
+#[test]
+fn mkdir_needing_a_run_longer_than_a_refcount_block_fails_at_once() {
+    let t = tempdir();
+    let d = t.path();
+    create(
+        d,
+        "a.qcow2",
+        "8G",
+        "cluster_size=512,refcount_bits=64",
+        None,
+    );
+    qemu_img(d, &["bitmap", "--add", "-g", "512", "a.qcow2", "c1"]);
+    let a = d.join("a.qcow2");
+    let mnt = rw(&a, d, "mnt");
+    let before = std::fs::metadata(&a).unwrap().len();
+    assert_errno(
+        mkdir(&mnt, "c2"),
+        libc::ENOSPC,
+        "mkdir c2 needing a 64-cluster bitmap table",
+    );
+    let after = std::fs::metadata(&a).unwrap().len();
+    assert!(
+        after < before + M,
+        "the refused mkdir grew the image from {before} to {after} bytes"
+    );
+    write_mount(&mnt, &[wp(M, K64, 2)]);
+    unmount(mnt);
+    assert_check_clean(&a, "after the refused mkdir");
+    assert_eq!(
+        bitmaps(&a)
+            .iter()
+            .map(|b| b.name.as_str())
+            .collect::<Vec<_>>(),
+        ["c1"]
+    );
+}

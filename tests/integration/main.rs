@@ -17,6 +17,7 @@ mod props;
 mod reader;
 mod refusals;
 mod reliability;
+mod restore;
 mod rw;
 mod shape;
 mod signals;
