@@ -129,6 +129,28 @@ fn mount_faultfs(dir: &Path, real: &Path, bad: (u64, u64)) -> fuser::BackgroundS
     fuser::spawn_mount(fs, dir, &config).expect("mount the fault-injecting filesystem")
 }
 
+/// Unmount the fault-injecting filesystem, retrying while it is busy for up to 5 s (a fork in
+/// another test thread can hold a descriptor on it until its exec), then join its thread.
+fn unmount_faultfs(s: fuser::BackgroundSession, dir: &Path) {
+    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).unwrap();
+    let start = std::time::Instant::now();
+    loop {
+        // SAFETY: umount2 of the test's own faultfs mount point, a valid C string.
+        if unsafe { libc::umount2(c.as_ptr(), 0) } == 0 {
+            break;
+        }
+        let e = std::io::Error::last_os_error();
+        assert!(
+            e.raw_os_error() == Some(libc::EBUSY)
+                && start.elapsed() < std::time::Duration::from_secs(5),
+            "umount {}: {e}",
+            dir.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    s.join().unwrap();
+}
+
 /// Guest ranges whose data lies in host `[h0, h1)` of the top layer, from `qemu-img map`.
 fn guest_ranges_in(map: &[MapEntry], h0: u64, h1: u64) -> Vec<(u64, u64)> {
     map.iter()
@@ -220,7 +242,7 @@ fn eio_from_the_file_under_the_image() {
         bad.0, bad.1
     );
     mnt.unmount();
-    faulty.umount_and_join().unwrap();
+    unmount_faultfs(faulty, &faulty_dir);
 
     // The bad range over the L2 table: the mount works (L2 tables are read when needed),
     // every read of allocated data fails, and so do the extents (their zero/data split needs
@@ -243,7 +265,7 @@ fn eio_from_the_file_under_the_image() {
     let bits = read(&mnt.path("c1/bitmap.bin"));
     assert!(bits.iter().any(|&x| x != 0), "c1/bitmap.bin reads");
     mnt.unmount();
-    faulty.umount_and_join().unwrap();
+    unmount_faultfs(faulty, &faulty_dir);
 }
 
 /// Open `path` and read `len` bytes at `off`, under the access timeout.
