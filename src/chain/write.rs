@@ -572,9 +572,8 @@ impl Writer {
     }
 
     /// Give the reserve back, store the marked bitmap clusters, then clear in_use (a clean
-    /// close). If they cannot be
-    /// stored (ENOSPC on a device), the bitmaps stay in_use, as QEMU leaves them, and the
-    /// cluster taken for the one that failed is given back.
+    /// close). If they cannot be stored (ENOSPC on a device), the bitmaps stay in_use, as QEMU
+    /// leaves them, and the cluster taken for the one that failed is given back.
     pub fn close(&mut self) -> Result<()> {
         if self.closed {
             return Ok(());

@@ -1284,3 +1284,58 @@ pub fn other_reads(ids: (u32, u32), p: &Path, what: &str) -> Vec<u8> {
     );
     o.stdout
 }
+
+/// MiB chunk `i` of a pseudo-random disk seeded with `seed`.
+pub fn chunk_data(seed: u64, i: u64) -> Vec<u8> {
+    let mut b = vec![0u8; 1 << 20];
+    common::Prng(seed ^ i.wrapping_mul(0x9e37_79b9)).fill(&mut b);
+    b
+}
+
+/// A thread writing MiB chunks `chunk_data(seed, i)` at `i` MiB into a file, in order.
+pub struct ChunkWriter {
+    /// Bytes written so far.
+    pub written: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Bytes written before the last fsync that returned.
+    pub synced: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// "finished", or what failed.
+    pub thread: std::thread::JoinHandle<String>,
+}
+
+/// Start writing `chunks` chunks into `disk` (opened for writing), fsyncing after chunk `i`
+/// where `sync_after(i)`.
+pub fn spawn_chunk_writer(
+    disk: PathBuf,
+    seed: u64,
+    chunks: u64,
+    sync_after: fn(u64) -> bool,
+) -> ChunkWriter {
+    use std::sync::atomic::Ordering::SeqCst;
+    use std::sync::{atomic::AtomicU64, Arc};
+    let (written, synced) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let (w, s) = (Arc::clone(&written), Arc::clone(&synced));
+    let thread = std::thread::spawn(move || -> String {
+        let f = match std::fs::OpenOptions::new().write(true).open(&disk) {
+            Ok(f) => f,
+            Err(e) => return format!("open: {e}"),
+        };
+        for i in 0..chunks {
+            if let Err(e) = f.write_all_at(&chunk_data(seed, i), i << 20) {
+                return format!("write of chunk {i}: {e}");
+            }
+            w.store((i + 1) << 20, SeqCst);
+            if sync_after(i) {
+                if let Err(e) = f.sync_all() {
+                    return format!("fsync after chunk {i}: {e}");
+                }
+                s.store((i + 1) << 20, SeqCst);
+            }
+        }
+        "finished".into()
+    });
+    ChunkWriter {
+        written,
+        synced,
+        thread,
+    }
+}

@@ -7,14 +7,13 @@
 //! Harness rules (see `mountutil`): every mount is owned by a guard that unmounts, every access
 //! runs under a timeout, only processes these tests started are killed, by PID.
 
-use crate::common::{self, create, qemu_img, tempdir, Prng};
+use crate::common::{self, create, qemu_img, tempdir};
 use crate::mountutil::*;
 use std::ffi::OsStr;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 const K: u64 = 1024;
@@ -102,12 +101,6 @@ fn assert_leaks_at_most(image: &Path, what: &str) {
     );
 }
 
-fn chunk(seed: u64, i: u64) -> Vec<u8> {
-    let mut b = vec![0u8; M as usize];
-    Prng(seed ^ i.wrapping_mul(0x9e37_79b9)).fill(&mut b);
-    b
-}
-
 /// `image` as raw bytes from `off` for `len` (qemu-img convert, so QEMU's reading of it).
 fn qemu_bytes(image: &Path, off: u64, len: usize) -> Vec<u8> {
     let raw = image.with_extension("raw");
@@ -146,29 +139,8 @@ fn kill9_during_a_restore_leaves_leaks_at_most() {
     );
     let pid = mnt.child_pid().unwrap();
     let disk = mnt.path("current/disk.img");
-    let (synced, written) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let writer = {
-        let (synced, written) = (synced.clone(), written.clone());
-        std::thread::spawn(move || -> String {
-            let f = match OpenOptions::new().write(true).open(&disk) {
-                Ok(f) => f,
-                Err(e) => return format!("open: {e}"),
-            };
-            for i in 0..size / M {
-                if let Err(e) = f.write_all_at(&chunk(seed, i), i * M) {
-                    return format!("write of chunk {i}: {e}");
-                }
-                written.store((i + 1) * M, Ordering::SeqCst);
-                if i + 1 == 16 {
-                    if let Err(e) = f.sync_all() {
-                        return format!("fsync after chunk {i}: {e}");
-                    }
-                    synced.store((i + 1) * M, Ordering::SeqCst);
-                }
-            }
-            "finished".into()
-        })
-    };
+    let w = spawn_chunk_writer(disk, seed, size / M, |i| i + 1 == 16);
+    let (written, synced, writer) = (&w.written, &w.synced, w.thread);
     // Past 40 MiB the writer is in the middle of a 32 MiB reserve run.
     let start = Instant::now();
     while written.load(Ordering::SeqCst) < 40 * M {
@@ -197,7 +169,7 @@ fn kill9_during_a_restore_leaves_leaks_at_most() {
     for i in 0..fsynced / M {
         common::assert_same(
             &got[(i * M) as usize..((i + 1) * M) as usize],
-            &chunk(seed, i),
+            &chunk_data(seed, i),
             i * M,
             &format!("fsynced chunk {i} after kill -9"),
         );
@@ -205,7 +177,7 @@ fn kill9_during_a_restore_leaves_leaks_at_most() {
 
     // A later rw mount opens the image and writes past everything the restore reached.
     let mnt = Mount::new(&target, &mount_dir(d, "mnt2"), Some("rw"));
-    let tail = chunk(seed, 1000);
+    let tail = chunk_data(seed, 1000);
     {
         let (disk, tail) = (mnt.path("current/disk.img"), tail.clone());
         timed("write after the remount", move || {

@@ -987,12 +987,6 @@ fn since_sets_follow_writes_live() {
 // ---------------------------------------------------------------------------------------
 // Test 3: kill -9 in the middle of a long write
 
-fn chunk(seed: u64, i: u64) -> Vec<u8> {
-    let mut b = vec![0u8; M as usize];
-    Prng(seed ^ (i.wrapping_mul(0x9e37_79b9))).fill(&mut b);
-    b
-}
-
 #[test]
 fn kill9_keeps_fsynced_data() {
     let t = tempdir();
@@ -1014,31 +1008,8 @@ fn kill9_keeps_fsynced_data() {
     );
     let pid = mnt.child_pid().unwrap();
     let disk = mnt.path("current/disk.img");
-    let synced = Arc::new(AtomicU64::new(0));
-    let written = Arc::new(AtomicU64::new(0));
-    let total_chunks = 256u64;
-    let writer = {
-        let (synced, written, disk) = (synced.clone(), written.clone(), disk.clone());
-        std::thread::spawn(move || -> String {
-            let f = match OpenOptions::new().write(true).open(&disk) {
-                Ok(f) => f,
-                Err(e) => return format!("open: {e}"),
-            };
-            for i in 0..total_chunks {
-                if let Err(e) = f.write_all_at(&chunk(seed, i), i * M) {
-                    return format!("write of chunk {i}: {e}");
-                }
-                written.store((i + 1) * M, Ordering::SeqCst);
-                if (i + 1) % 16 == 0 {
-                    if let Err(e) = f.sync_all() {
-                        return format!("fsync after chunk {i}: {e}");
-                    }
-                    synced.store((i + 1) * M, Ordering::SeqCst);
-                }
-            }
-            "finished".into()
-        })
-    };
+    let w = spawn_chunk_writer(disk.clone(), seed, 256, |i| (i + 1) % 16 == 0);
+    let (written, synced, writer) = (&w.written, &w.synced, w.thread);
     let start = Instant::now();
     while synced.load(Ordering::SeqCst) < 48 * M {
         assert!(
@@ -1082,7 +1053,7 @@ fn kill9_keeps_fsynced_data() {
         let got = pread_full(&f, i * M, M as usize).unwrap();
         common::assert_same(
             &got,
-            &chunk(seed, i),
+            &chunk_data(seed, i),
             i * M,
             &format!("fsynced chunk {i} after kill -9"),
         );
