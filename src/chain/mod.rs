@@ -3,12 +3,12 @@
 
 pub mod access;
 pub mod bitmap_dir;
-mod direct;
 pub mod lock;
 pub mod open;
 pub mod plan;
 pub mod read;
 mod reserve;
+mod stream;
 pub mod usage;
 pub mod watch;
 pub mod write;

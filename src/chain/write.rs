@@ -6,9 +6,9 @@
 //!
 //! One request is planned first (which guest clusters are written in place, which get a new
 //! host cluster, which need copy-on-write), then written: new clusters come from the reserve
-//! (reserve.rs) as contiguous runs, the data goes out as one write per contiguous host run (past
-//! the page cache when long, direct.rs), and the changed entries of each L2 table as one write
-//! of their range.
+//! (reserve.rs) as contiguous runs, the data goes out as one write per contiguous host run (a
+//! long one's device write started at once, stream.rs), and the changed entries of each L2
+//! table as one write of their range.
 //!
 //! Ordering (QEMU's, with cache=writeback; a crash leaves at most leaks): a new cluster's
 //! refcount is durable before any entry points at it (the reserve is flushed when refilled); a
@@ -18,10 +18,10 @@
 //! fsync/flush, which makes everything durable. A kill -9 loses nothing written, since every
 //! write reached the kernel in that order.
 
-use super::direct::Direct;
 use super::open::Chain;
 use super::read::Disk;
 use super::reserve::Reserve;
+use super::stream::Stream;
 use crate::error::{Error, ErrorKind, Result};
 use crate::qcow2::bitmaps::{self, TableEntry, FLAG_IN_USE};
 use crate::qcow2::header::{store_autoclear, AUTOCLEAR_BITMAPS, INCOMPAT_CORRUPT, INCOMPAT_DIRTY};
@@ -47,8 +47,8 @@ pub struct Writer {
     pub(super) fresh: Vec<HostOffset>,
     /// Clusters counted ahead for the data of later writes.
     pub(super) reserve: Reserve,
-    /// The image opened with O_DIRECT for long data runs (None: the file system refuses it).
-    direct: Option<Direct>,
+    /// Long data runs whose device write was started (stream.rs).
+    stream: Stream,
     closed: bool,
 }
 
@@ -127,7 +127,7 @@ impl Writer {
             bitmaps_ok: autoclear_ok,
             fresh: Vec::new(),
             reserve: Reserve::default(),
-            direct: Direct::open(q.file()),
+            stream: Stream::default(),
             closed: false,
         };
         if fix_autoclear {
@@ -404,18 +404,12 @@ impl Writer {
         Ok(())
     }
 
-    /// Write one run of request bytes: past the page cache where it is long and aligned and
-    /// the file system allows it, else through it.
+    /// Write one run of request bytes through the page cache; a long one's device write starts
+    /// at once (stream.rs).
     fn write_run(&mut self, at: HostOffset, bytes: &[u8]) -> Result<()> {
-        if let Some(d) = self.direct.as_mut().filter(|_| Direct::fits(at.0, bytes)) {
-            if d.write_at(at.0, bytes)
-                .map_err(|e| Error::io("write data", e))?
-            {
-                return Ok(());
-            }
-            self.direct = None;
-        }
-        self.q.write_at(at, bytes, "data")
+        self.q.write_at(at, bytes, "data")?;
+        self.stream.written(self.q.file(), at.0, bytes.len() as u64);
+        Ok(())
     }
 
     /// Make `[off, off+len)` read as zeros: whole clusters become zero clusters (v3), edges and
