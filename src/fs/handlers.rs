@@ -123,8 +123,8 @@ impl Filesystem for FuseFs {
             Ok(d) => {
                 let took = t.elapsed();
                 reply.data(&d);
-                // After the reply: the reader goes on while the next bytes are asked for.
-                self.core.read_ahead(ino.0, offset, d.len() as u64, took);
+                // After the reply: the reader goes on while its next bytes are made ready.
+                self.core.after_read(ino.0, offset, d.len() as u32, took);
             }
             Err(e) => reply.error(errno("read", &e)),
         }

@@ -5,6 +5,7 @@ pub mod errno;
 pub mod handlers;
 pub mod node;
 pub mod ops;
+pub mod prefetch;
 pub mod tree;
 
 pub use ops::{Attr, FsCore, MountInfo};

@@ -2,6 +2,7 @@
 //! a mount. `handlers.rs` adapts it to fuser.
 
 use super::node::{content_slots, seek_disk, stat_kinds, Class, Node};
+use super::prefetch::Prefetch;
 use super::tree::{Tree, ROOT};
 use crate::chain::usage::stored_blocks;
 use crate::chain::watch::Watcher;
@@ -86,6 +87,8 @@ pub struct FsCore {
     /// Drops the kernel's cached pages of the given inodes (set by the mount once its session
     /// exists), so that pages cached before a change was noticed are not served after it.
     invalidator: OnceLock<Invalidator>,
+    /// Sequential readers' next requests, read ahead.
+    prefetch: Prefetch,
 }
 
 pub type Invalidator = Arc<dyn Fn(&[u64]) + Send + Sync>;
@@ -109,6 +112,7 @@ impl FsCore {
             next_fh: AtomicU64::new(1),
             generated: (0..n).map(|_| OnceLock::new()).collect(),
             invalidator: OnceLock::new(),
+            prefetch: Prefetch::default(),
         }
     }
 
@@ -319,6 +323,20 @@ impl FsCore {
             self.count(node, end - start);
             return Ok(c[start..end].to_vec());
         }
+        if self.reads_ahead(st, node) {
+            self.check_fresh(st)?;
+            if let Some(d) = self.prefetch.take(ino, off, size) {
+                self.count(node, d.len());
+                return Ok(d);
+            }
+        }
+        let buf = self.read_node(st, node, off, size)?;
+        self.count(node, buf.len());
+        Ok(buf)
+    }
+
+    /// The bytes of `[off, off+size)` of a file node (short at its end).
+    fn read_node(&self, st: &State, node: Node, off: u64, size: u32) -> Result<Vec<u8>> {
         let len = self.getattr_size(st, node)?;
         if off >= len {
             return Ok(Vec::new());
@@ -345,23 +363,58 @@ impl FsCore {
                 buf.copy_from_slice(got);
             }
         }
-        self.count(node, buf.len());
         Ok(buf)
     }
 
-    /// A read of `[off, off+len)` of `ino` was answered in `took`: let a disk image's
-    /// sequential reader find the next layer bytes in the page cache (see `Disk::read_ahead`).
-    pub fn read_ahead(&self, ino: u64, off: u64, len: u64, took: Duration) {
+    /// Whether sequential reads of `node` get their next request read ahead (prefetch.rs):
+    /// disk images of read-only mounts (on rw mounts a write could change the bytes read).
+    fn reads_ahead(&self, st: &State, node: Node) -> bool {
+        self.writer.is_none() && node.disk(&st.engine).is_some()
+    }
+
+    /// A read of `[off, off+len)` of `ino` was answered in `took`. For a disk image: let a
+    /// sequential reader find the next layer bytes in the page cache (`Disk::read_ahead`),
+    /// and read its next request ahead (prefetch.rs).
+    pub fn after_read(&self, ino: u64, off: u64, len: u32, took: Duration) {
         let st = self.state();
-        let Some(disk) = st.tree.node(ino).and_then(|n| n.disk(&st.engine)) else {
+        let st = &*st;
+        let Some(node) = st.tree.node(ino) else {
+            return;
+        };
+        let Some(disk) = node.disk(&st.engine) else {
             return;
         };
         // Slower than 1 ms + 1 ns a byte (1 GB/s): some of it came from the disk, not the
         // page cache (a MiB from the page cache takes about a third of a millisecond).
-        let waited = took > Duration::from_millis(1) + Duration::from_nanos(len);
-        if let Err(e) = disk.read_ahead(off, len, waited) {
+        let waited = took > Duration::from_millis(1) + Duration::from_nanos(u64::from(len));
+        if let Err(e) = disk.read_ahead(off, u64::from(len), waited) {
             log::debug!("read ahead of inode {ino} at {off}: {e}");
         }
+        if !self.reads_ahead(st, node) {
+            return;
+        }
+        let Some((at, n)) = self.prefetch.next(ino, off, len) else {
+            return;
+        };
+        // Handed in even if the read panics, so that no request waits for it forever.
+        struct Handed<'a> {
+            p: &'a Prefetch,
+            ino: u64,
+            at: u64,
+            got: Option<Vec<u8>>,
+        }
+        impl Drop for Handed<'_> {
+            fn drop(&mut self) {
+                self.p.finish(self.ino, self.at, self.got.take());
+            }
+        }
+        let mut h = Handed {
+            p: &self.prefetch,
+            ino,
+            at,
+            got: None,
+        };
+        h.got = self.read_node(st, node, at, n).ok();
     }
 
     /// The size of a file node (what getattr reports and reads stop at).

@@ -1,7 +1,8 @@
 //! The shape of an incremental copy, not its speed (the benchmark measures that): through
 //! stats.json, `cp --sparse=always` of changed.img moves only the changed bytes through FUSE (no
 //! readahead into the holes around each run), makes two lseeks per changed run, and resolves
-//! each run through the chain a bounded number of times. The disks stay mmap-able.
+//! each run through the chain a bounded number of times. The disks stay mmap-able, and the
+//! next requests of sequential readers of disk.img, read ahead, are the bytes QEMU reads.
 
 use crate::common::{self, create, qemu_img, qemu_io};
 use crate::mountutil::*;
@@ -120,4 +121,77 @@ fn mapped(path: &std::path::Path, off: u64, len: u64) -> Vec<u8> {
         unsafe { libc::munmap(p, size) };
         v
     })
+}
+
+/// Sequential readers of disk.img get their next request read ahead (src/fs/prefetch.rs): two
+/// interleaved readers (128 KiB pieces; 64 KiB then 32 KiB pieces, so that a shorter request
+/// takes the front of a longer range read ahead), a random read between them, the end of the
+/// disk: every byte equals QEMU's, and stats.json counts each byte served once.
+#[test]
+fn interleaved_sequential_readers_of_disk_img_read_qemus_bytes() {
+    let d = common::tempdir();
+    let dir = d.path();
+    create(dir, "base.qcow2", "12M", "cluster_size=64k", None);
+    qemu_io(
+        dir,
+        "base.qcow2",
+        &[
+            "write -c -P 0x12 2M 1M",
+            "write -P 0x11 0 2M",
+            "write -P 0x11 3M 9M",
+        ],
+    );
+    create(
+        dir,
+        "top.qcow2",
+        "",
+        "cluster_size=64k",
+        Some(("base.qcow2", "qcow2")),
+    );
+    qemu_io(
+        dir,
+        "top.qcow2",
+        &[
+            "write -P 0x21 100k 300k",
+            "write -z 5M 1M",
+            "write -c -P 0x22 7M 512k",
+            "write -P 0x23 12000k 288k",
+        ],
+    );
+    let want = common::truth_raw(&dir.join("top.qcow2"));
+    let size = want.len() as u64;
+    let mnt = Mount::new(&dir.join("top.qcow2"), &mount_dir(dir, "mnt"), None);
+    let disk = mnt.path("current/disk.img");
+    let (a, b, r) = (
+        File::open(&disk).unwrap(),
+        File::open(&disk).unwrap(),
+        File::open(&disk).unwrap(),
+    );
+    let (mut at_a, mut at_b, mut served) = (0u64, 6 * MIB, 0u64);
+    let mut check = |f: &File, off: u64, len: u64, who: &str| {
+        let got = pread_full(f, off, len as usize).unwrap();
+        let end = (off + len).min(size) as usize;
+        assert!(
+            got == want[off as usize..end],
+            "{who}: {len} bytes at {off} differ from qemu-img convert"
+        );
+        served += got.len() as u64;
+        got.len() as u64
+    };
+    for i in 0..200u64 {
+        if at_a < size {
+            at_a += check(&a, at_a, 128 * KIB, "reader A");
+        }
+        if at_b < size {
+            let len = if i % 2 == 0 { 64 * KIB } else { 32 * KIB };
+            at_b += check(&b, at_b, len, "reader B");
+        }
+        if i % 7 == 3 {
+            check(&r, (i * 977 * KIB) % size, 4 * KIB, "random reader");
+        }
+    }
+    assert_eq!((at_a, at_b), (size, size), "both readers reached the end");
+    let stats = read_json(&mnt.path("stats.json"));
+    let bytes = counter(&stats["files"]["disk.img"]["bytes"], "disk.img bytes");
+    assert_eq!(bytes, served, "disk.img bytes counted vs served");
 }
