@@ -118,16 +118,22 @@ impl Filesystem for FuseFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let t = Instant::now();
-        match self.core.read(ino.0, fh.0, offset, size) {
-            Ok(d) => {
-                let took = t.elapsed();
-                reply.data(&d);
-                // After the reply: the reader goes on while its next bytes are made ready.
-                self.core.after_read(ino.0, offset, d.len() as u32, took);
-            }
-            Err(e) => reply.error(errno("read", &e)),
+        thread_local! {
+            /// This thread's reply buffer, reused (see `FsCore::read_into`).
+            static BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
+        let t = Instant::now();
+        BUF.with_borrow_mut(
+            |buf| match self.core.read_into(ino.0, fh.0, offset, size, buf) {
+                Ok(n) => {
+                    let took = t.elapsed();
+                    reply.data(&buf[..n]);
+                    // After the reply: the reader goes on while its next bytes are made ready.
+                    self.core.after_read(ino.0, offset, n as u32, took);
+                }
+                Err(e) => reply.error(errno("read", &e)),
+            },
+        )
     }
 
     fn release(

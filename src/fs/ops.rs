@@ -93,6 +93,15 @@ pub struct FsCore {
 
 pub type Invalidator = Arc<dyn Fn(&[u64]) + Send + Sync>;
 
+/// `src` into the front of `buf` (grown if short); returns its length.
+fn copy_into(buf: &mut Vec<u8>, src: &[u8]) -> usize {
+    if buf.len() < src.len() {
+        buf.resize(src.len(), 0);
+    }
+    buf[..src.len()].copy_from_slice(src);
+    src.len()
+}
+
 fn not_found() -> Error {
     Error::new(ErrorKind::NotFound, "no such file or directory")
 }
@@ -308,7 +317,18 @@ impl FsCore {
         self.handles.lock().remove(&fh);
     }
 
-    pub fn read(&self, ino: u64, fh: u64, off: u64, size: u32) -> Result<Vec<u8>> {
+    /// Read `[off, off+size)` of `ino` into `buf`: the bytes are `buf[..n]` for the `n`
+    /// returned (short at the end of the file). `buf` is meant to be reused from read to read:
+    /// it is only grown, and a disk image's read writes every byte of its range, so those
+    /// reads skip zeroing it (a MiB of memset per request).
+    pub fn read_into(
+        &self,
+        ino: u64,
+        fh: u64,
+        off: u64,
+        size: u32,
+        buf: &mut Vec<u8>,
+    ) -> Result<usize> {
         let st = self.state();
         let st = &*st;
         let node = self.node(st, ino)?;
@@ -321,49 +341,65 @@ impl FsCore {
             let start = (off.min(c.len() as u64)) as usize;
             let end = (start + size as usize).min(c.len());
             self.count(node, end - start);
-            return Ok(c[start..end].to_vec());
+            return Ok(copy_into(buf, &c[start..end]));
         }
         if self.reads_ahead(st, node) {
             self.check_fresh(st)?;
             if let Some(d) = self.prefetch.take(ino, off, size) {
                 self.count(node, d.len());
-                return Ok(d);
+                let n = d.len();
+                if buf.len() < n {
+                    *buf = d;
+                } else {
+                    buf[..n].copy_from_slice(&d);
+                }
+                return Ok(n);
             }
         }
-        let buf = self.read_node(st, node, off, size)?;
-        self.count(node, buf.len());
-        Ok(buf)
+        let n = self.read_node(st, node, off, size, buf)?;
+        self.count(node, n);
+        Ok(n)
     }
 
-    /// The bytes of `[off, off+size)` of a file node (short at its end).
-    fn read_node(&self, st: &State, node: Node, off: u64, size: u32) -> Result<Vec<u8>> {
+    /// The bytes of `[off, off+size)` of a file node into `buf[..n]` (see `read_into`).
+    fn read_node(
+        &self,
+        st: &State,
+        node: Node,
+        off: u64,
+        size: u32,
+        buf: &mut Vec<u8>,
+    ) -> Result<usize> {
         let len = self.getattr_size(st, node)?;
         if off >= len {
-            return Ok(Vec::new());
+            return Ok(0);
         }
         // Everything read from the layers (not the JSON of the model) waits for freshness.
         if node.class() != Some(Class::Text) {
             self.check_fresh(st)?;
         }
         let n = (len - off).min(u64::from(size)) as usize;
-        let mut buf = vec![0u8; n];
-        match (node, node.data_file()) {
-            (Node::CurrentDisk, _) => st.engine.current.read(off, &mut buf)?,
-            (_, Some((ci, f, d))) => {
+        if buf.len() < n {
+            buf.resize(n, 0);
+        }
+        let out = &mut buf[..n];
+        match (node.disk(&st.engine), node.data_file()) {
+            // Every byte of the range is written (data, decompressed, or zeros).
+            (Some(disk), _) => disk.read(off, out)?,
+            (None, Some((ci, f, d))) => {
                 if f.trusted_only {
                     self.ckpt_ok(st, ci)?;
                 }
-                (d.read)(&st.engine, ci, off, &mut buf)?
+                out.fill(0);
+                (d.read)(&st.engine, ci, off, out)?
             }
-            _ => {
+            (None, None) => {
                 let c = self.content(st, node)?;
                 let end = (off as usize + n).min(c.len());
-                let got = c.get(off as usize..end).unwrap_or_default();
-                buf.truncate(got.len());
-                buf.copy_from_slice(got);
+                return Ok(copy_into(buf, c.get(off as usize..end).unwrap_or_default()));
             }
         }
-        Ok(buf)
+        Ok(n)
     }
 
     /// Whether sequential reads of `node` get their next request read ahead (prefetch.rs):
@@ -414,7 +450,11 @@ impl FsCore {
             at,
             got: None,
         };
-        h.got = self.read_node(st, node, at, n).ok();
+        let mut buf = Vec::new();
+        h.got = self.read_node(st, node, at, n, &mut buf).ok().map(|k| {
+            buf.truncate(k);
+            buf
+        });
     }
 
     /// The size of a file node (what getattr reports and reads stop at).
