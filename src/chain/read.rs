@@ -241,16 +241,20 @@ mod tests {
 
     const MIB: u64 = 1 << 20;
 
+    /// Run qemu-img; it must succeed.
+    fn qemu_img(args: &[&str]) {
+        let out = std::process::Command::new("qemu-img")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "qemu-img {args:?}: {out:?}");
+    }
+
     /// The disk of a new, empty qcow2 image of `size` bytes (made by qemu-img).
     fn empty_disk(dir: &std::path::Path, size: u64) -> Disk {
         let path = dir.join("d.qcow2");
-        let st = std::process::Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2"])
-            .arg(&path)
-            .arg(size.to_string())
-            .status()
-            .unwrap();
-        assert!(st.success(), "qemu-img create");
+        let name = path.display().to_string();
+        qemu_img(&["create", "-q", "-f", "qcow2", &name, &size.to_string()]);
         Disk::new(Arc::new(Chain::open(&path).unwrap()), 0, Table::Active)
     }
 
@@ -289,15 +293,6 @@ mod tests {
         for off in [3 * MIB, 40 * MIB, 9 * MIB, 30 * MIB] {
             assert_eq!(disk.plan_ahead(off, 4096, true), None);
         }
-    }
-
-    fn qemu_img(args: &[&str]) -> Vec<u8> {
-        let out = std::process::Command::new("qemu-img")
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "qemu-img {args:?}: {out:?}");
-        out.stdout
     }
 
     /// Reads that span compressed clusters (decoded side by side), plain clusters, zero

@@ -347,13 +347,7 @@ impl FsCore {
             self.check_fresh(st)?;
             if let Some(d) = self.prefetch.take(ino, off, size) {
                 self.count(node, d.len());
-                let n = d.len();
-                if buf.len() < n {
-                    *buf = d;
-                } else {
-                    buf[..n].copy_from_slice(&d);
-                }
-                return Ok(n);
+                return Ok(copy_into(buf, &d));
             }
         }
         let n = self.read_node(st, node, off, size, buf)?;
