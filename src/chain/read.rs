@@ -370,4 +370,84 @@ mod tests {
             );
         }
     }
+
+    /// The data runs of a chain, per layer, equal `qemu-img map`'s where they cross the L2
+    /// slices the read path caches (top: 16 KiB clusters, 8 MiB per slice, 32 MiB per table;
+    /// base: 64 KiB clusters, 32 MiB per slice), with the slices evicted between lookups, and
+    /// reads of them equal qemu-img convert.
+    #[test]
+    fn mappings_across_l2_slices_equal_qemu() {
+        let d = tempfile::tempdir().unwrap();
+        let p = |n: &str| d.path().join(n).display().to_string();
+        let create = |name: &str, cluster: &str, backing: Option<&str>| {
+            let mut a = vec!["create", "-q", "-f", "qcow2", "-o", cluster];
+            if let Some(b) = backing {
+                a.extend(["-b", b, "-F", "qcow2"]);
+            }
+            let path = p(name);
+            a.extend([path.as_str(), "80M"]);
+            qemu_img(&a);
+        };
+        let io = |img: &str, cmd: &str| {
+            let st = std::process::Command::new("qemu-io")
+                .args(["-f", "qcow2", "-c", cmd, &p(img)])
+                .output()
+                .unwrap();
+            assert!(st.status.success(), "qemu-io {cmd}");
+        };
+        create("base.qcow2", "cluster_size=64k", None);
+        io("base.qcow2", "write -P 1 0 80M");
+        create("top.qcow2", "cluster_size=16k", Some(&p("base.qcow2")));
+        for cmd in [
+            "write -P 2 8160k 64k",  // across the first slice boundary (8 MiB)
+            "write -P 3 32752k 48k", // across the first table boundary (32 MiB)
+            "write -z 16368k 32k",   // zeros across a slice boundary
+            "write -P 6 24M 64k",    // data from a slice's first entry, unallocated before
+            "write -c -P 4 40M 16k", // a compressed cluster
+            "write -P 5 48M 16M",    // two whole slices and more
+            "discard 70M 4M",        // zeros over the base's data
+        ] {
+            io("top.qcow2", cmd);
+        }
+        let top = p("top.qcow2");
+        let chain = Arc::new(Chain::open(std::path::Path::new(&top)).unwrap());
+        chain.layers[0].qcow2().unwrap().set_cache_budget(0);
+        let disk = Disk::new(chain, 0, Table::Active);
+        // (start, end, depth) of data runs, adjacent ones of one layer merged.
+        let mut ours: Vec<(u64, u64, usize)> = Vec::new();
+        let mut at = 0;
+        while at < disk.size() {
+            let (r, n) = disk.resolve(at, disk.size() - at).unwrap();
+            let data = matches!(r.mapping, Mapping::Data(_) | Mapping::Compressed { .. });
+            if let (true, Some(depth)) = (data, r.depth) {
+                match ours.last_mut() {
+                    Some(l) if l.1 == at && l.2 == depth => l.1 = at + n,
+                    _ => ours.push((at, at + n, depth)),
+                }
+            }
+            at += n;
+        }
+        let out = std::process::Command::new("qemu-img")
+            .args(["map", "--output=json", &top])
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let mut theirs: Vec<(u64, u64, usize)> = Vec::new();
+        for e in v.as_array().unwrap() {
+            if e["data"].as_bool().unwrap() {
+                let (s, n) = (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap());
+                let depth = e["depth"].as_u64().unwrap() as usize;
+                match theirs.last_mut() {
+                    Some(l) if l.1 == s && l.2 == depth => l.1 = s + n,
+                    _ => theirs.push((s, s + n, depth)),
+                }
+            }
+        }
+        assert_eq!(ours, theirs);
+        qemu_img(&["convert", "-q", "-O", "raw", &top, &p("top.raw")]);
+        let want = std::fs::read(p("top.raw")).unwrap();
+        let mut buf = vec![0xeeu8; want.len()];
+        disk.read(0, &mut buf).unwrap();
+        assert!(buf == want, "read differs from qemu-img convert");
+    }
 }

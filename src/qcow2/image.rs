@@ -7,6 +7,7 @@ use super::bytes::{align_up, u64_table};
 use super::compress;
 use super::header::{check_region, Header, AUTOCLEAR_BITMAPS};
 use super::l2::{l1_entry_offset, Geometry, L2Table, Mapping};
+use super::l2cache::{L2Cache, L2Part};
 use super::snapshot::{self, SnapshotEntry};
 use super::types::{GuestOffset, HostOffset};
 use crate::error::{Error, Result};
@@ -84,10 +85,7 @@ pub struct Qcow2Image {
     l1: RwLock<Vec<u64>>,
     bitmaps: RwLock<Vec<Arc<Bitmap>>>,
     pub snapshots: Vec<Snapshot>,
-    l2_cache: Mutex<LruCache<HostOffset, L2Table>>,
-    /// Bumped (under the cache lock) whenever a writer changes an L2 table, so a reader that
-    /// loaded a table from disk before the change does not cache the stale copy.
-    l2_gen: std::sync::atomic::AtomicU64,
+    l2_cache: L2Cache,
     /// Bitmap data clusters changed by a writer and not yet stored: (bitmap, table index).
     bitmap_overlay: Mutex<BitmapOverlay>,
     cluster_cache: Mutex<LruCache<HostOffset, Arc<[u8]>>>,
@@ -175,11 +173,7 @@ impl Qcow2Image {
             l1: RwLock::new(Vec::new()),
             bitmaps: Default::default(),
             snapshots: Vec::new(),
-            l2_cache: Mutex::new(LruCache::new(cap(
-                DEFAULT_CACHE_BYTES / 4 * L2_QUARTERS,
-                cs,
-            ))),
-            l2_gen: Default::default(),
+            l2_cache: L2Cache::new(&geo, DEFAULT_CACHE_BYTES / 4 * L2_QUARTERS),
             bitmap_overlay: Default::default(),
             cluster_cache: Mutex::new(LruCache::new(cap(
                 DEFAULT_CACHE_BYTES - DEFAULT_CACHE_BYTES / 4 * L2_QUARTERS,
@@ -203,7 +197,7 @@ impl Qcow2Image {
     pub fn set_cache_budget(&self, bytes: usize) {
         let cs = self.geo.cluster_size();
         let l2 = bytes / 4 * L2_QUARTERS;
-        self.l2_cache.lock().resize(cap(l2, cs));
+        self.l2_cache.resize(l2);
         self.cluster_cache.lock().resize(cap(bytes - l2, cs));
     }
 
@@ -503,28 +497,25 @@ impl Qcow2Image {
 
     /// The L2 table at `off`.
     pub fn l2_table(&self, off: HostOffset) -> Result<L2Table> {
-        let gen = {
-            let mut c = self.l2_cache.lock();
-            if let Some(t) = c.get(&off) {
-                return Ok(t.clone());
-            }
-            self.l2_gen.load(std::sync::atomic::Ordering::Acquire)
-        };
-        let cs = self.geo.cluster_size();
-        let t = L2Table::parse(&self.read_meta(off.0, cs, "L2 table")?, self.geo.extended);
-        let mut c = self.l2_cache.lock();
-        if self.l2_gen.load(std::sync::atomic::Ordering::Acquire) == gen {
-            c.put(off, t.clone());
-        }
-        Ok(t)
+        self.l2_cache
+            .table(off, || self.load_l2(off, 0, self.geo.cluster_size()))
+    }
+
+    /// A part of the L2 table at `off` holding entry `idx` (a slice of it, or all of it).
+    fn l2_part(&self, off: HostOffset, idx: u64) -> Result<L2Part> {
+        self.l2_cache
+            .part(off, idx, |pos, len| self.load_l2(off, pos, len))
+    }
+
+    /// `len` bytes of the L2 table at `off`, from byte `pos` of it.
+    fn load_l2(&self, off: HostOffset, pos: u64, len: u64) -> Result<L2Table> {
+        let buf = self.read_meta(off.0 + pos, len, "L2 table")?;
+        Ok(L2Table::parse(&buf, self.geo.extended))
     }
 
     /// Writer side: `table` is now the content of the L2 table at `off` (already on disk).
     pub fn l2_updated(&self, off: HostOffset, table: L2Table) {
-        let mut c = self.l2_cache.lock();
-        self.l2_gen
-            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        c.put(off, table);
+        self.l2_cache.updated(off, table);
     }
 
     /// Writer side: write `data` (guest data, a new table, bitmap bits) at `at`.
@@ -611,13 +602,19 @@ impl Qcow2Image {
                 .l2_offset(table, l1_idx)
                 .map_err(|e| e.context(self.path.display()))?;
             if let Some(l2_off) = l2_off {
-                let l2 = self
-                    .l2_table(l2_off)
-                    .map_err(|e| e.context(self.path.display()))?;
+                let mut part: Option<L2Part> = None;
                 let mut run: Option<u64> = None;
                 let mut c = at - at % cs;
                 while c < t_end {
-                    let present = l2.get((c / cs) % self.geo.l2_entries()).is_present();
+                    let idx = (c / cs) % self.geo.l2_entries();
+                    let l2 = match part.take() {
+                        Some(p) if idx < p.end() => p,
+                        _ => self
+                            .l2_part(l2_off, idx)
+                            .map_err(|e| e.context(self.path.display()))?,
+                    };
+                    let present = l2.get(idx).is_present();
+                    part = Some(l2);
                     match (present, run) {
                         (true, None) => run = Some(c.max(at)),
                         (false, Some(s)) => {
@@ -650,7 +647,7 @@ impl Qcow2Image {
         let Some(l2_off) = self.l2_offset(table, l1_idx)? else {
             return Ok((Mapping::Unallocated, max));
         };
-        let l2 = self.l2_table(l2_off)?;
+        let l2 = self.l2_part(l2_off, idx)?;
         let (first, mut run) = self.check_host(self.geo.decode(l2.get(idx), in_off)?)?;
         if matches!(first, Mapping::Compressed { .. }) {
             return Ok((first, run.min(max)));
@@ -658,7 +655,8 @@ impl Qcow2Image {
         // Extend the run over following clusters that continue the same mapping.
         let cs = self.geo.cluster_size();
         let mut at_cluster_end = in_off + run == cs;
-        while at_cluster_end && run < max && idx + 1 < self.geo.l2_entries() {
+        // Within the part at hand: a run may end early at its end (the caller asks again).
+        while at_cluster_end && run < max && idx + 1 < l2.end() {
             idx += 1;
             let (next, nrun) = self.check_host(self.geo.decode(l2.get(idx), 0)?)?;
             let continues = match (first, next) {

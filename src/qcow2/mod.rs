@@ -8,6 +8,7 @@ pub mod guard;
 pub mod header;
 pub mod image;
 pub mod l2;
+pub mod l2cache;
 pub mod refcheck;
 pub mod refcount;
 pub mod snapshot;
