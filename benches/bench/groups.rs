@@ -31,6 +31,29 @@ impl Ctx<'_> {
     }
 }
 
+/// The ideal FUSE file system (`ideal.rs`) against the anchor of `of`, from its `samples`.
+fn fuse_ceiling(of: &Row, samples: Vec<f64>) -> Row {
+    Row {
+        ck: samples,
+        anchor: of.anchor.clone(),
+        ..Row::new(
+            "  FUSE ceiling: a file system answering from memory",
+            of.unit,
+            &of.anchor_name,
+            Target::Info,
+        )
+    }
+}
+
+/// The ideal FUSE file system for chain `c`, its changed.img holding the runs changed since
+/// the oldest checkpoint (as ckptfs lists them).
+fn ideal_for(cx: &Ctx, c: &Chain) -> Res<Ideal> {
+    let m = cx.ck(c)?;
+    let extents = fs::read_to_string(m.dir.join(&c.oldest).join("extents"))?;
+    finish(c.name, m);
+    Ideal::start(&cx.mnt(&format!("ideal-{}", c.name)), c.size, &extents)
+}
+
 pub fn seq_rows(cx: &mut Ctx, c: &Chain) -> Res<()> {
     let runs = cx.cfg.runs;
     let qsd_anchor = "QEMU FUSE export";
@@ -58,11 +81,14 @@ pub fn seq_rows(cx: &mut Ctx, c: &Chain) -> Res<()> {
         "qemu-img convert -> null",
         Target::Ratio(0.9),
     );
+    let ideal = ideal_for(cx, c)?;
+    let mut ideal_warm = Vec::new();
     warm(&c.layers)?;
     for _ in 0..runs {
         let m = cx.ck(c)?;
         let q = cx.qsd(c)?;
         let disk = m.dir.join("current/disk.img");
+        ideal_warm.push(mib_s(c.size, dd_secs(&ideal.disk(), false)?));
         warm_row.ck.push(mib_s(c.size, dd_secs(&disk, false)?));
         warm_row
             .anchor
@@ -115,7 +141,10 @@ pub fn seq_rows(cx: &mut Ctx, c: &Chain) -> Res<()> {
         warm(&c.layers)?;
         raw.ck.push(mib_s(bytes, t.elapsed().as_secs_f64()));
     }
+    drop(ideal);
+    let ceiling = fuse_ceiling(&warm_row, ideal_warm);
     cx.push(warm_row);
+    cx.push(ceiling);
     cx.push(reread);
     cx.push(direct);
     cx.push(cold);
@@ -130,6 +159,8 @@ pub fn rand_rows(cx: &mut Ctx, c: &Chain) -> Res<()> {
         "QEMU FUSE export",
         Target::Ratio(8.0),
     );
+    let ideal = ideal_for(cx, c)?;
+    let mut ideal_iops = Vec::new();
     warm(&c.layers)?;
     let m = cx.ck(c)?;
     let q = cx.qsd(c)?;
@@ -137,10 +168,14 @@ pub fn rand_rows(cx: &mut Ctx, c: &Chain) -> Res<()> {
         row.ck
             .push(fio_iops(&m.dir.join("current/disk.img"), cx.cfg.fio_secs)?);
         row.anchor.push(fio_iops(&q.file, cx.cfg.fio_secs)?);
+        ideal_iops.push(fio_iops(&ideal.disk(), cx.cfg.fio_secs)?);
     }
     finish(c.name, m);
     drop(q);
+    drop(ideal);
+    let ceiling = fuse_ceiling(&row, ideal_iops);
     cx.push(row);
+    cx.push(ceiling);
     Ok(())
 }
 
@@ -242,6 +277,7 @@ pub fn incr_row(cx: &mut Ctx, c: &Chain) -> Res<f64> {
             .push(qemu_incremental(cx.cfg, c, &cx.work, null)?);
     }
     let (local_cp, local_walk) = page_cache_walks(cx, c)?;
+    let (ideal_cp, ideal_walk) = ideal_walks(cx, c)?;
     let med = median(&row.ck);
     let ceiling = |name: &str, ours: &Row, local: Vec<f64>| {
         let vs_ck = Row {
@@ -273,12 +309,33 @@ pub fn incr_row(cx: &mut Ctx, c: &Chain) -> Res<f64> {
         ceiling("cp", &row, local_cp),
         ceiling("walk", &null_row, local_walk),
     ];
+    let fuse = [
+        fuse_ceiling(&row, ideal_cp),
+        fuse_ceiling(&null_row, ideal_walk),
+    ];
     cx.push(row);
     cx.push(null_row);
-    for r in rows.into_iter().flatten() {
+    for r in rows.into_iter().flatten().chain(fuse) {
         cx.push(r);
     }
     Ok(med)
+}
+
+/// The same copy and walk from the ideal FUSE file system (no FUSE file system can be faster).
+fn ideal_walks(cx: &mut Ctx, c: &Chain) -> Res<(Vec<f64>, Vec<f64>)> {
+    let ideal = ideal_for(cx, c)?;
+    let out = cx.out.join("incr-ideal.raw");
+    let (mut cp, mut walk) = (Vec::new(), Vec::new());
+    for _ in 0..cx.cfg.runs {
+        cp.push(timed(
+            "cp",
+            &["--sparse=always", &p(&ideal.changed()), &p(&out)],
+            T_LONG,
+        )?);
+        rm(&out);
+        walk.push(walk_read(ideal.changed(), 128 << 10)?.0);
+    }
+    Ok((cp, walk))
 }
 
 /// The same copy and walk from a local sparse copy of the changed blocks held in the page

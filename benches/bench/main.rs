@@ -16,6 +16,9 @@
 //! (qemu-storage-daemon's FUSE export, qemu-nbd + nbdcopy, the "QEMU way" incremental copy
 //! of contrib/bench/qemu_incremental.py, qemu-img bitmap --merge, the decoders' own speed) and
 //! prints min/median per row, the ratio of medians and PASS/MISS against the target.
+//! Reference rows ("info") show the ceilings on this machine: the page cache (the same copy from
+//! a local sparse file) and the FUSE ceiling, a file system in this process that answers from
+//! memory with no work of its own (ideal.rs), against the same anchors.
 //!
 //! Environment: `CKPTFS_BIN` (the ckptfs binary; default the one cargo built with this
 //! benchmark), `CKPTFS_BENCH_SMALL=1` (a quick run: 1 GiB / 64 GiB / 64 MiB / 256 MiB, 3 s of
@@ -49,6 +52,7 @@ mod cfg;
 mod daemons;
 mod fixtures;
 mod groups;
+mod ideal;
 mod measure;
 mod restore;
 mod sys;
@@ -58,6 +62,7 @@ use cfg::*;
 use daemons::*;
 use fixtures::*;
 use groups::*;
+use ideal::*;
 use measure::*;
 use restore::*;
 use sys::*;
