@@ -269,3 +269,61 @@ fn rw_refuses_compressed_data_in_header() {
         m.unmount();
     }
 }
+
+/// A compressed cluster whose deflate stream copies from further back than the 4 KiB window
+/// QEMU names when it inflates (windowBits -12): zlib still takes the copy from the output of
+/// the same call, so QEMU reads it, and ckptfs reads the same bytes. A stream that ends short
+/// of the cluster is EIO for both.
+#[test]
+fn deflate_reaching_past_the_named_window_reads_as_qemu() {
+    let t = tempdir();
+    let d = t.path();
+    // 8 KiB of noise, 8 times: a compressor with a 32 KiB window copies each repeat from
+    // 8 KiB back; with a 4 KiB window it cannot.
+    let mut x = 0x2545_f491_u32;
+    let noise: Vec<u8> = (0..8192)
+        .map(|_| {
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            (x >> 23) as u8
+        })
+        .collect();
+    for (bits, len, readable) in [(12u8, 65536, true), (15, 65536, true), (15, 61440, false)] {
+        let name = format!("window-{bits}-{len}.qcow2");
+        create(d, &name, "1M", "", None);
+        qemu_io(d, &name, &["write -c -P 0x11 0 64k"]);
+        let p = d.join(&name);
+        let data = noise.repeat(8);
+        let mut c =
+            flate2::Compress::new_with_window_bits(flate2::Compression::best(), false, bits);
+        let mut stream = Vec::with_capacity(2 * data.len());
+        c.compress_vec(&data[..len], &mut stream, flate2::FlushCompress::Finish)
+            .unwrap();
+        // The cluster's L2 entry now points at this stream, appended at a sector boundary.
+        let b = std::fs::read(&p).unwrap();
+        let l2 = be(&b, be(&b, 40, 8) as usize, 8) & OFFSET_MASK;
+        let at = (b.len() as u64).next_multiple_of(512);
+        let sectors = (stream.len() as u64).div_ceil(512);
+        patch(&p, at, &stream);
+        patch(
+            &p,
+            l2,
+            &((1u64 << 62) | (sectors - 1) << 54 | at).to_be_bytes(),
+        );
+        let raw = format!("{name}.raw");
+        let r = crate::common::run_status_in(
+            Some(d),
+            "qemu-img",
+            &["convert", "-O", "raw", &name, &raw],
+        );
+        assert_eq!(r.status.success(), readable, "qemu-img convert of {name}");
+        let m = Mount::new(&p, &mount_dir(d, &format!("mnt-{bits}-{len}")), None);
+        let disk = m.path("current/disk.img");
+        if readable {
+            let want = std::fs::read(d.join(&raw)).unwrap();
+            assert!(read(&disk) == want, "{name} reads other bytes than QEMU");
+        } else {
+            crate::mountutil::assert_eio(&disk);
+        }
+        m.unmount();
+    }
+}
