@@ -602,19 +602,14 @@ impl Qcow2Image {
                 .l2_offset(table, l1_idx)
                 .map_err(|e| e.context(self.path.display()))?;
             if let Some(l2_off) = l2_off {
-                let mut part: Option<L2Part> = None;
+                // A scan: whole tables (one read each), not the read path's slices.
+                let l2 = self
+                    .l2_table(l2_off)
+                    .map_err(|e| e.context(self.path.display()))?;
                 let mut run: Option<u64> = None;
                 let mut c = at - at % cs;
                 while c < t_end {
-                    let idx = (c / cs) % self.geo.l2_entries();
-                    let l2 = match part.take() {
-                        Some(p) if idx < p.end() => p,
-                        _ => self
-                            .l2_part(l2_off, idx)
-                            .map_err(|e| e.context(self.path.display()))?,
-                    };
-                    let present = l2.get(idx).is_present();
-                    part = Some(l2);
+                    let present = l2.get((c / cs) % self.geo.l2_entries()).is_present();
                     match (present, run) {
                         (true, None) => run = Some(c.max(at)),
                         (false, Some(s)) => {
