@@ -1,6 +1,6 @@
 //! The performance benchmark: ckptfs against QEMU's own tools, side by side in one run.
 //!
-//!     cargo bench --bench bench                        # ~7 min, as root
+//!     cargo bench --bench bench                        # ~15 min, as root
 //!     CKPTFS_BENCH_SMALL=1 cargo bench --bench bench   # a quick run
 //!
 //! Builds, under a temporary directory in /tmp (removed at the end), with qemu-img/qemu-io:
