@@ -319,8 +319,9 @@ impl FsCore {
 
     /// Read `[off, off+size)` of `ino` into `buf`: the bytes are `buf[..n]` for the `n`
     /// returned (short at the end of the file). `buf` is meant to be reused from read to read:
-    /// it is only grown, and a disk image's read writes every byte of its range, so those
-    /// reads skip zeroing it (a MiB of memset per request).
+    /// it is only grown (or swapped for the buffer of a range read ahead, see prefetch.rs), and
+    /// a disk image's read writes every byte of its range, so those reads skip zeroing it (a
+    /// MiB of memset per request).
     pub fn read_into(
         &self,
         ino: u64,
@@ -347,7 +348,10 @@ impl FsCore {
             self.check_fresh(st)?;
             if let Some(d) = self.prefetch.take(ino, off, size) {
                 self.count(node, d.len());
-                return Ok(copy_into(buf, &d));
+                // Its buffer becomes the reply buffer (no copy); the old one goes back.
+                let n = d.len();
+                self.prefetch.recycle(std::mem::replace(buf, d));
+                return Ok(n);
             }
         }
         let n = self.read_node(st, node, off, size, buf)?;
@@ -444,7 +448,7 @@ impl FsCore {
             at,
             got: None,
         };
-        let mut buf = Vec::new();
+        let mut buf = self.prefetch.buffer();
         h.got = self.read_node(st, node, at, n, &mut buf).ok().map(|k| {
             buf.truncate(k);
             buf

@@ -15,6 +15,10 @@
 //! At most `SLOTS` ranges are held (one per concurrent sequential reader, each at most one
 //! request long); the least recently made is dropped for a new one. A range read ahead that
 //! failed is forgotten: the request itself then reads again and reports the error.
+//!
+//! The bytes are not copied again: the request that takes a range replies from its buffer,
+//! which becomes that thread's reply buffer, and hands the thread's old one back here for the
+//! next read-ahead (`recycle`, `buffer`; at most `SLOTS` kept).
 
 use parking_lot::{Condvar, Mutex};
 
@@ -42,6 +46,8 @@ struct Slots {
     slots: Vec<Slot>,
     /// Where the last reads of recently read files ended (ino, end), newest last.
     ends: Vec<(u64, u64)>,
+    /// Buffers handed back, for the next ranges read ahead.
+    spare: Vec<Vec<u8>>,
 }
 
 #[derive(Default)]
@@ -68,6 +74,19 @@ impl Prefetch {
                 return Some(data);
             }
             self.done.wait(&mut g);
+        }
+    }
+
+    /// A buffer to read ahead into: one handed back, or a new one.
+    pub fn buffer(&self) -> Vec<u8> {
+        self.inner.lock().spare.pop().unwrap_or_default()
+    }
+
+    /// A reply buffer no longer needed (one `take` replaced), for `buffer`.
+    pub fn recycle(&self, buf: Vec<u8>) {
+        let mut g = self.inner.lock();
+        if g.spare.len() < SLOTS && buf.capacity() > 0 {
+            g.spare.push(buf);
         }
     }
 
@@ -163,6 +182,32 @@ mod tests {
         assert_eq!(p.next(9, 110, 10), Some((120, 10)));
         p.finish(9, 120, None);
         assert_eq!(p.take(9, 120, 10), None);
+    }
+
+    #[test]
+    fn reply_buffers_handed_back_are_read_ahead_into_again() {
+        let p = Prefetch::default();
+        assert_eq!(
+            p.buffer().capacity(),
+            0,
+            "nothing handed back yet: a new buffer"
+        );
+        let bufs: Vec<Vec<u8>> = (1..=SLOTS + 2)
+            .map(|k| Vec::with_capacity(k * 4096))
+            .collect();
+        let ptrs: Vec<*const u8> = bufs.iter().map(|b| b.as_ptr()).collect();
+        for b in bufs {
+            p.recycle(b);
+        }
+        p.recycle(Vec::new());
+        // At most SLOTS kept (the first ones), each given out once, then new ones again.
+        let held: Vec<Vec<u8>> = (0..SLOTS).map(|_| p.buffer()).collect();
+        let mut got: Vec<*const u8> = held.iter().map(|b| b.as_ptr()).collect();
+        got.sort();
+        let mut kept = ptrs[..SLOTS].to_vec();
+        kept.sort();
+        assert_eq!(got, kept);
+        assert_eq!(p.buffer().capacity(), 0);
     }
 
     #[test]
