@@ -42,6 +42,8 @@ pub struct DataFns {
     /// 512-byte blocks holding data, given the size (asked even while the checkpoint cannot
     /// be trusted).
     pub blocks: fn(&Engine, usize, u64) -> u64,
+    /// Read at an offset inside the file; writes every byte of the buffer (it is not zeroed
+    /// before: the reply buffers are reused).
     pub read: fn(&Engine, usize, u64, &mut [u8]) -> Result<()>,
     /// lseek: the first offset in `[off, size)` that is data (`true`) or a hole; None: none.
     pub seek: fn(&Engine, usize, u64, u64, bool) -> Result<Option<u64>>,

@@ -320,8 +320,8 @@ impl FsCore {
     /// Read `[off, off+size)` of `ino` into `buf`: the bytes are `buf[..n]` for the `n`
     /// returned (short at the end of the file). `buf` is meant to be reused from read to read:
     /// it is only grown (or swapped for the buffer of a range read ahead, see prefetch.rs), and
-    /// a disk image's read writes every byte of its range, so those reads skip zeroing it (a
-    /// MiB of memset per request).
+    /// a data file's read writes every byte of its range, so it is never zeroed first (a MiB
+    /// of memset per request).
     pub fn read_into(
         &self,
         ino: u64,
@@ -381,14 +381,14 @@ impl FsCore {
             buf.resize(n, 0);
         }
         let out = &mut buf[..n];
+        // Every byte of the range is written (data, decompressed, or zeros): `buf` is not
+        // zeroed first.
         match (node.disk(&st.engine), node.data_file()) {
-            // Every byte of the range is written (data, decompressed, or zeros).
             (Some(disk), _) => disk.read(off, out)?,
             (None, Some((ci, f, d))) => {
                 if f.trusted_only {
                     self.ckpt_ok(st, ci)?;
                 }
-                out.fill(0);
                 (d.read)(&st.engine, ci, off, out)?
             }
             (None, None) => {

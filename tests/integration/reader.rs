@@ -892,3 +892,73 @@ fn extents_within_a_small_budget() {
     assert_eq!(e.kind, ErrorKind::TooLarge, "{e}");
     assert!(e.to_string().contains("c1/extents"), "{e}");
 }
+
+/// changed.img and bitmap.bin reads write every byte of their buffer (the FUSE layer reuses
+/// its reply buffers without zeroing them): at any offset and length, a read into a buffer
+/// full of 0xee equals the same read into zeros, and changed.img equals the current disk on
+/// the changed runs and zeros elsewhere.
+#[test]
+fn changed_and_bitmap_reads_write_every_byte() {
+    use ckptfs::checkpoint::{Engine, Model};
+    let t = tempdir();
+    let d = t.path();
+    create(d, "b.qcow2", "8M", "", None);
+    qemu_io(d, "b.qcow2", &["write -P 0x21 0 8M"]);
+    create(d, "t.qcow2", "", "", Some(("b.qcow2", "qcow2")));
+    qemu_img(d, &["bitmap", "--add", "t.qcow2", "c1"]);
+    qemu_io(
+        d,
+        "t.qcow2",
+        &[
+            "write -P 0x31 100k 200k",
+            "write -z 1M 128k",
+            "write -P 0x32 3M 64k",
+            "discard 5M 64k",
+            "write -P 0x33 7M 1M",
+        ],
+    );
+    let engine = Engine::new(
+        Arc::new(Model::build(
+            open_chain(&d.join("t.qcow2")),
+            &Default::default(),
+        )),
+        64 << 20,
+    );
+    let ci = engine
+        .model
+        .checkpoints
+        .iter()
+        .position(|c| c.name == "c1")
+        .unwrap();
+    let disk = truth_raw(&d.join("t.qcow2"));
+    let extents = engine.extents(ci).unwrap();
+    let mut want = vec![0u8; disk.len()];
+    for line in extents.lines() {
+        let mut w = line.split_whitespace().map(|v| v.parse::<usize>().unwrap());
+        let (s, n) = (w.next().unwrap(), w.next().unwrap());
+        want[s..s + n].copy_from_slice(&disk[s..s + n]);
+    }
+    let bitmap_len = engine.bitmap_len(ci) as usize;
+    for (off, len) in [
+        (0usize, 8usize << 20),
+        (4096, 300 << 10),
+        (1000, 70_000),
+        ((1 << 20) - 1, 200 << 10),
+        (5 << 20, 1 << 20),
+        ((7 << 20) + 12345, 1 << 20),
+    ] {
+        let len = len.min(disk.len() - off);
+        let mut dirty = vec![0xeeu8; len];
+        engine.read_changed(ci, off as u64, &mut dirty).unwrap();
+        assert!(dirty == want[off..off + len], "changed.img at {off}+{len}");
+        let (boff, blen) = (
+            off % bitmap_len,
+            (len / 4096).max(1).min(bitmap_len - off % bitmap_len),
+        );
+        let mut clean = vec![0u8; blen];
+        let mut dirty = vec![0xeeu8; blen];
+        engine.read_bitmap(ci, boff as u64, &mut clean).unwrap();
+        engine.read_bitmap(ci, boff as u64, &mut dirty).unwrap();
+        assert_eq!(clean, dirty, "bitmap.bin at {boff}+{blen}");
+    }
+}
