@@ -133,6 +133,20 @@ impl Disk {
         ))
     }
 
+    /// Whether the metadata says all of `[off, off+len)` reads as zeros (stops at the first
+    /// piece that does not).
+    pub fn reads_as_zeros(&self, off: u64, len: u64) -> Result<bool> {
+        let (mut at, end) = (off, off.saturating_add(len));
+        while at < end {
+            let (r, n) = self.resolve(at, end - at)?;
+            if !r.known_zero() {
+                return Ok(false);
+            }
+            at += n.max(1);
+        }
+        Ok(true)
+    }
+
     /// Read `buf.len()` bytes at `off`; bytes past the disk's end read as zeros.
     pub fn read(&self, off: u64, buf: &mut [u8]) -> Result<()> {
         // Resolve the whole request first, then read its pieces: where two or more are
@@ -367,6 +381,27 @@ mod tests {
             assert!(
                 buf == want[off as usize..end],
                 "read {off}+{len} differs from qemu-img convert"
+            );
+        }
+        // The metadata's zeros (a zero write, bytes no layer holds) and nothing else: no data
+        // range of this pattern is all zero.
+        for (off, len) in [
+            (3 * MIB, 128 << 10),
+            (3 * MIB + 4096, 4096),
+            (3 * MIB - 512, 1024),
+            (8 * MIB, 2 * MIB),
+            (8 * MIB - 1, 2),
+            (9 * MIB, MIB),
+            (0, 4096),
+            (5 * MIB, 4096),
+        ] {
+            let zeros = want[off as usize..(off + len) as usize]
+                .iter()
+                .all(|&b| b == 0);
+            assert_eq!(
+                disk.reads_as_zeros(off, len).unwrap(),
+                zeros,
+                "reads_as_zeros({off}, {len})"
             );
         }
     }

@@ -2,7 +2,7 @@
 //! (through `ToErrno`, fs/errno.rs) and are logged once per request.
 
 use super::errno::ToErrno;
-use super::ops::{Attr, Change, FsCore};
+use super::ops::{Attr, Change, FsCore, Served, ZEROS};
 use fuser::{
     BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
     INodeNo, KernelConfig, LockOwner, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
@@ -125,9 +125,18 @@ impl Filesystem for FuseFs {
         let t = Instant::now();
         BUF.with_borrow_mut(
             |buf| match self.core.read_into(ino.0, fh.0, offset, size, buf) {
-                Ok(n) => {
+                Ok(served) => {
                     let took = t.elapsed();
-                    reply.data(&buf[..n]);
+                    let n = match served {
+                        Served::Buf(n) => {
+                            reply.data(&buf[..n]);
+                            n
+                        }
+                        Served::Zeros(n) => {
+                            reply.data(&ZEROS[..n]);
+                            n
+                        }
+                    };
                     // After the reply: the reader goes on while its next bytes are made ready.
                     self.core.after_read(ino.0, offset, n as u32, took);
                 }

@@ -94,6 +94,18 @@ pub struct FsCore {
 pub type Invalidator = Arc<dyn Fn(&[u64]) + Send + Sync>;
 
 /// `src` into the front of `buf` (grown if short); returns its length.
+/// What `FsCore::read_into` answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Served {
+    /// The bytes are the first n of the buffer.
+    Buf(usize),
+    /// n bytes of zeros (a hole of a disk image): reply from `ZEROS`, the buffer untouched.
+    Zeros(usize),
+}
+
+/// Zeros to reply with, as long as the longest request (max_read).
+pub static ZEROS: [u8; 1 << 20] = [0; 1 << 20];
+
 fn copy_into(buf: &mut Vec<u8>, src: &[u8]) -> usize {
     if buf.len() < src.len() {
         buf.resize(src.len(), 0);
@@ -329,7 +341,7 @@ impl FsCore {
         off: u64,
         size: u32,
         buf: &mut Vec<u8>,
-    ) -> Result<usize> {
+    ) -> Result<Served> {
         let st = self.state();
         let st = &*st;
         let node = self.node(st, ino)?;
@@ -342,7 +354,7 @@ impl FsCore {
             let start = (off.min(c.len() as u64)) as usize;
             let end = (start + size as usize).min(c.len());
             self.count(node, end - start);
-            return Ok(copy_into(buf, &c[start..end]));
+            return Ok(Served::Buf(copy_into(buf, &c[start..end])));
         }
         if self.reads_ahead(st, node) {
             self.check_fresh(st)?;
@@ -351,12 +363,31 @@ impl FsCore {
                 // Its buffer becomes the reply buffer (no copy); the old one goes back.
                 let n = d.len();
                 self.prefetch.recycle(std::mem::replace(buf, d));
-                return Ok(n);
+                return Ok(Served::Buf(n));
             }
+        }
+        if let Some(n) = self.hole(st, node, off, size)? {
+            self.count(node, n);
+            return Ok(Served::Zeros(n));
         }
         let n = self.read_node(st, node, off, size, buf)?;
         self.count(node, n);
-        Ok(n)
+        Ok(Served::Buf(n))
+    }
+
+    /// For a read of a disk image that lies wholly in a hole (half of a sparse disk read
+    /// with dd): its length, to be answered from `ZEROS` instead of zeroing the buffer.
+    fn hole(&self, st: &State, node: Node, off: u64, size: u32) -> Result<Option<usize>> {
+        let Some(disk) = node.disk(&st.engine) else {
+            return Ok(None);
+        };
+        let len = self.getattr_size(st, node)?;
+        let n = len.saturating_sub(off).min(u64::from(size));
+        if n == 0 || n > ZEROS.len() as u64 {
+            return Ok(None);
+        }
+        self.check_fresh(st)?;
+        Ok(disk.reads_as_zeros(off, n)?.then_some(n as usize))
     }
 
     /// The bytes of `[off, off+size)` of a file node into `buf[..n]` (see `read_into`).
