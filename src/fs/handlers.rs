@@ -127,16 +127,12 @@ impl Filesystem for FuseFs {
             |buf| match self.core.read_into(ino.0, fh.0, offset, size, buf) {
                 Ok(served) => {
                     let took = t.elapsed();
-                    let n = match served {
-                        Served::Buf(n) => {
-                            reply.data(&buf[..n]);
-                            n
-                        }
-                        Served::Zeros(n) => {
-                            reply.data(&ZEROS[..n]);
-                            n
-                        }
+                    let bytes = match served {
+                        Served::Buf(n) => &buf[..n],
+                        Served::Zeros(n) => &ZEROS[..n],
                     };
+                    let n = bytes.len();
+                    reply.data(bytes);
                     // After the reply: the reader goes on while its next bytes are made ready.
                     self.core.after_read(ino.0, offset, n as u32, took);
                 }
