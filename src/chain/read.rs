@@ -133,22 +133,18 @@ impl Disk {
         ))
     }
 
-    /// Whether the metadata says all of `[off, off+len)` reads as zeros (stops at the first
-    /// piece that does not).
-    pub fn reads_as_zeros(&self, off: u64, len: u64) -> Result<bool> {
-        let (mut at, end) = (off, off.saturating_add(len));
-        while at < end {
-            let (r, n) = self.resolve(at, end - at)?;
-            if !r.known_zero() {
-                return Ok(false);
-            }
-            at += n.max(1);
-        }
-        Ok(true)
-    }
-
     /// Read `buf.len()` bytes at `off`; bytes past the disk's end read as zeros.
     pub fn read(&self, off: u64, buf: &mut [u8]) -> Result<()> {
+        if !self.read_unless_zeros(off, buf)? {
+            buf.fill(0);
+        }
+        Ok(())
+    }
+
+    /// `read`, except where the metadata says the whole range reads as zeros (zero clusters,
+    /// nothing below, past a layer's end): then `buf` is left as it was and the answer is
+    /// false (a reply can send zeros it already has).
+    pub fn read_unless_zeros(&self, off: u64, buf: &mut [u8]) -> Result<bool> {
         // Resolve the whole request first, then read its pieces: where two or more are
         // compressed clusters, they are decoded on several cores at once.
         let mut pieces = Vec::new();
@@ -162,6 +158,9 @@ impl Disk {
             at += n;
             rest = tail;
         }
+        if pieces.iter().all(|(r, _, _)| r.known_zero()) {
+            return Ok(false);
+        }
         let read_one = |(r, at, dst): (Resolved, u64, &mut [u8])| match r.depth {
             Some(d) => self.chain.layers[d].read_mapped(r.mapping, at, dst),
             None => {
@@ -174,9 +173,10 @@ impl Disk {
             .filter(|(r, _, _)| matches!(r.mapping, Mapping::Compressed { .. }))
             .count();
         match decoders().filter(|_| compressed >= 2) {
-            Some(pool) => pool.install(|| pieces.into_par_iter().try_for_each(read_one)),
-            None => pieces.into_iter().try_for_each(read_one),
+            Some(pool) => pool.install(|| pieces.into_par_iter().try_for_each(read_one))?,
+            None => pieces.into_iter().try_for_each(read_one)?,
         }
+        Ok(true)
     }
 
     /// A read of `[off, off+len)` was answered; `waited`: it waited for the disk (it was
@@ -264,6 +264,15 @@ mod tests {
         assert!(out.status.success(), "qemu-img {args:?}: {out:?}");
     }
 
+    /// Run `qemu-io -f qcow2 -c CMD IMAGE`; it must succeed.
+    fn qemu_io(image: &str, cmd: &str) {
+        let st = std::process::Command::new("qemu-io")
+            .args(["-f", "qcow2", "-c", cmd, image])
+            .output()
+            .unwrap();
+        assert!(st.status.success(), "qemu-io {cmd} {image}");
+    }
+
     /// The disk of a new, empty qcow2 image of `size` bytes (made by qemu-img).
     fn empty_disk(dir: &std::path::Path, size: u64) -> Disk {
         let path = dir.join("d.qcow2");
@@ -349,16 +358,9 @@ mod tests {
             &top,
             "10M",
         ]);
-        let io = |cmd: &str| {
-            let st = std::process::Command::new("qemu-io")
-                .args(["-f", "qcow2", "-c", cmd, &top])
-                .output()
-                .unwrap();
-            assert!(st.status.success(), "qemu-io {cmd}");
-        };
-        io("write -P 0x5a 1M 192k");
-        io("write -z 3M 128k");
-        io("write -c -P 0x33 5M 256k");
+        qemu_io(&top, "write -P 0x5a 1M 192k");
+        qemu_io(&top, "write -z 3M 128k");
+        qemu_io(&top, "write -c -P 0x33 5M 256k");
         qemu_img(&["convert", "-q", "-O", "raw", &top, &p("top.raw")]);
         let want = std::fs::read(p("top.raw")).unwrap();
         let disk = Disk::new(
@@ -383,8 +385,9 @@ mod tests {
                 "read {off}+{len} differs from qemu-img convert"
             );
         }
-        // The metadata's zeros (a zero write, bytes no layer holds) and nothing else: no data
-        // range of this pattern is all zero.
+        // The metadata's zeros (a zero write, bytes no layer holds) are left to the caller,
+        // the buffer untouched; everything else is read (no data range of this pattern is all
+        // zero).
         for (off, len) in [
             (3 * MIB, 128 << 10),
             (3 * MIB + 4096, 4096),
@@ -395,14 +398,19 @@ mod tests {
             (0, 4096),
             (5 * MIB, 4096),
         ] {
-            let zeros = want[off as usize..(off + len) as usize]
-                .iter()
-                .all(|&b| b == 0);
-            assert_eq!(
-                disk.reads_as_zeros(off, len).unwrap(),
-                zeros,
-                "reads_as_zeros({off}, {len})"
-            );
+            let want = &want[off as usize..(off + len) as usize];
+            let zeros = want.iter().all(|&b| b == 0);
+            let mut buf = vec![0xeeu8; len as usize];
+            let read = disk.read_unless_zeros(off, &mut buf).unwrap();
+            assert_eq!(read, !zeros, "read_unless_zeros({off}, {len})");
+            if read {
+                assert!(
+                    buf == want,
+                    "read_unless_zeros({off}, {len}) read other bytes"
+                );
+            } else {
+                assert!(buf.iter().all(|&b| b == 0xee), "zeros({off}, {len}) wrote");
+            }
         }
     }
 
@@ -423,15 +431,8 @@ mod tests {
             a.extend([path.as_str(), "80M"]);
             qemu_img(&a);
         };
-        let io = |img: &str, cmd: &str| {
-            let st = std::process::Command::new("qemu-io")
-                .args(["-f", "qcow2", "-c", cmd, &p(img)])
-                .output()
-                .unwrap();
-            assert!(st.status.success(), "qemu-io {cmd}");
-        };
         create("base.qcow2", "cluster_size=64k", None);
-        io("base.qcow2", "write -P 1 0 80M");
+        qemu_io(&p("base.qcow2"), "write -P 1 0 80M");
         create("top.qcow2", "cluster_size=16k", Some(&p("base.qcow2")));
         for cmd in [
             "write -P 2 8160k 64k",  // across the first slice boundary (8 MiB)
@@ -442,7 +443,7 @@ mod tests {
             "write -P 5 48M 16M",    // two whole slices and more
             "discard 70M 4M",        // zeros over the base's data
         ] {
-            io("top.qcow2", cmd);
+            qemu_io(&p("top.qcow2"), cmd);
         }
         let top = p("top.qcow2");
         let chain = Arc::new(Chain::open(std::path::Path::new(&top)).unwrap());

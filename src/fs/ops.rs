@@ -93,7 +93,6 @@ pub struct FsCore {
 
 pub type Invalidator = Arc<dyn Fn(&[u64]) + Send + Sync>;
 
-/// `src` into the front of `buf` (grown if short); returns its length.
 /// What `FsCore::read_into` answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Served {
@@ -103,9 +102,19 @@ pub enum Served {
     Zeros(usize),
 }
 
+impl Served {
+    /// How many bytes the reply holds.
+    pub fn bytes(self) -> usize {
+        match self {
+            Served::Buf(n) | Served::Zeros(n) => n,
+        }
+    }
+}
+
 /// Zeros to reply with, as long as the longest request (max_read).
 pub static ZEROS: [u8; 1 << 20] = [0; 1 << 20];
 
+/// `src` into the front of `buf` (grown if short); returns its length.
 fn copy_into(buf: &mut Vec<u8>, src: &[u8]) -> usize {
     if buf.len() < src.len() {
         buf.resize(src.len(), 0);
@@ -366,31 +375,14 @@ impl FsCore {
                 return Ok(Served::Buf(n));
             }
         }
-        if let Some(n) = self.hole(st, node, off, size)? {
-            self.count(node, n);
-            return Ok(Served::Zeros(n));
-        }
-        let n = self.read_node(st, node, off, size, buf)?;
-        self.count(node, n);
-        Ok(Served::Buf(n))
+        let served = self.read_node(st, node, off, size, buf)?;
+        self.count(node, served.bytes());
+        Ok(served)
     }
 
-    /// For a read of a disk image that lies wholly in a hole (half of a sparse disk read
-    /// with dd): its length, to be answered from `ZEROS` instead of zeroing the buffer.
-    fn hole(&self, st: &State, node: Node, off: u64, size: u32) -> Result<Option<usize>> {
-        let Some(disk) = node.disk(&st.engine) else {
-            return Ok(None);
-        };
-        let len = self.getattr_size(st, node)?;
-        let n = len.saturating_sub(off).min(u64::from(size));
-        if n == 0 || n > ZEROS.len() as u64 {
-            return Ok(None);
-        }
-        self.check_fresh(st)?;
-        Ok(disk.reads_as_zeros(off, n)?.then_some(n as usize))
-    }
-
-    /// The bytes of `[off, off+size)` of a file node into `buf[..n]` (see `read_into`).
+    /// The bytes of `[off, off+size)` of a file node into `buf[..n]`, or, for a disk image's
+    /// range that lies wholly in a hole (half of a sparse disk read with dd), `Zeros` with the
+    /// buffer untouched (see `read_into`).
     fn read_node(
         &self,
         st: &State,
@@ -398,10 +390,10 @@ impl FsCore {
         off: u64,
         size: u32,
         buf: &mut Vec<u8>,
-    ) -> Result<usize> {
+    ) -> Result<Served> {
         let len = self.getattr_size(st, node)?;
         if off >= len {
-            return Ok(0);
+            return Ok(Served::Buf(0));
         }
         // Everything read from the layers (not the JSON of the model) waits for freshness.
         if node.class() != Some(Class::Text) {
@@ -415,7 +407,14 @@ impl FsCore {
         // Every byte of the range is written (data, decompressed, or zeros): `buf` is not
         // zeroed first.
         match (node.disk(&st.engine), node.data_file()) {
-            (Some(disk), _) => disk.read(off, out)?,
+            (Some(disk), _) => {
+                if !disk.read_unless_zeros(off, out)? {
+                    if n <= ZEROS.len() {
+                        return Ok(Served::Zeros(n));
+                    }
+                    out.fill(0);
+                }
+            }
             (None, Some((ci, f, d))) => {
                 if f.trusted_only {
                     self.ckpt_ok(st, ci)?;
@@ -425,10 +424,11 @@ impl FsCore {
             (None, None) => {
                 let c = self.content(st, node)?;
                 let end = (off as usize + n).min(c.len());
-                return Ok(copy_into(buf, c.get(off as usize..end).unwrap_or_default()));
+                let got = c.get(off as usize..end).unwrap_or_default();
+                return Ok(Served::Buf(copy_into(buf, got)));
             }
         }
-        Ok(n)
+        Ok(Served::Buf(n))
     }
 
     /// Whether sequential reads of `node` get their next request read ahead (prefetch.rs):
@@ -480,10 +480,19 @@ impl FsCore {
             got: None,
         };
         let mut buf = self.prefetch.buffer();
-        h.got = self.read_node(st, node, at, n, &mut buf).ok().map(|k| {
-            buf.truncate(k);
-            buf
-        });
+        h.got = self
+            .read_node(st, node, at, n, &mut buf)
+            .ok()
+            .map(|served| {
+                match served {
+                    Served::Buf(k) => buf.truncate(k),
+                    Served::Zeros(k) => {
+                        buf.clear();
+                        buf.resize(k, 0);
+                    }
+                }
+                buf
+            });
     }
 
     /// The size of a file node (what getattr reports and reads stop at).
