@@ -324,16 +324,22 @@ pub fn incr_row(cx: &mut Ctx, c: &Chain) -> Res<f64> {
 /// The same copy and walk from the ideal FUSE file system (no FUSE file system can be faster).
 fn ideal_walks(cx: &mut Ctx, c: &Chain) -> Res<(Vec<f64>, Vec<f64>)> {
     let ideal = ideal_for(cx, c)?;
-    let out = cx.out.join("incr-ideal.raw");
+    cp_and_walks(cx, &ideal.changed(), "incr-ideal.raw")
+}
+
+/// `runs` times: `cp --sparse=always` of `src` into `out` (in the output directory), then the
+/// walk of `src` with cp's 128 KiB reads: (cp seconds, walk seconds).
+fn cp_and_walks(cx: &Ctx, src: &Path, out: &str) -> Res<(Vec<f64>, Vec<f64>)> {
+    let out = cx.out.join(out);
     let (mut cp, mut walk) = (Vec::new(), Vec::new());
     for _ in 0..cx.cfg.runs {
         cp.push(timed(
             "cp",
-            &["--sparse=always", &p(&ideal.changed()), &p(&out)],
+            &["--sparse=always", &p(src), &p(&out)],
             T_LONG,
         )?);
         rm(&out);
-        walk.push(walk_read(ideal.changed(), 128 << 10)?.0);
+        walk.push(walk_read(src.to_path_buf(), 128 << 10)?.0);
     }
     Ok((cp, walk))
 }
@@ -348,19 +354,9 @@ fn page_cache_walks(cx: &mut Ctx, c: &Chain) -> Res<(Vec<f64>, Vec<f64>)> {
     finish(c.name, m);
     // Its data in the page cache (dd would read a sparse 1 TiB copy's holes too).
     walk_read(local.clone(), 1 << 20)?;
-    let out = cx.out.join("incr-local.raw");
-    let (mut cp, mut walk) = (Vec::new(), Vec::new());
-    for _ in 0..cx.cfg.runs {
-        cp.push(timed(
-            "cp",
-            &["--sparse=always", &p(&local), &p(&out)],
-            T_LONG,
-        )?);
-        rm(&out);
-        walk.push(walk_read(local.clone(), 128 << 10)?.0);
-    }
+    let walks = cp_and_walks(cx, &local, "incr-local.raw");
     rm(&local);
-    Ok((cp, walk))
+    walks
 }
 
 pub fn meta_rows(cx: &mut Ctx, c: &Chain) -> Res<()> {

@@ -147,7 +147,8 @@ thread_local! {
 /// A thread keeps its compressed-input buffer up to this size (large clusters free it).
 const MAX_KEPT_INPUT: usize = 1 << 20;
 
-fn cap(bytes: usize, unit: u64) -> NonZeroUsize {
+/// Cache entries of `unit` bytes in `bytes` (at least 4).
+pub(super) fn cap(bytes: usize, unit: u64) -> NonZeroUsize {
     NonZeroUsize::new((bytes / unit.max(1) as usize).max(4)).expect("at least 4")
 }
 

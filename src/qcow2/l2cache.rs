@@ -3,6 +3,7 @@
 //! l2-cache-entry-size does: a reader of a few blocks here and there over a large disk reads
 //! and keeps the 4 KiB of entries around each lookup, not the whole cluster of its table.
 
+use super::image::cap;
 use super::l2::{Geometry, L2Entry, L2Table};
 use super::types::HostOffset;
 use crate::error::Result;
@@ -54,11 +55,6 @@ impl std::fmt::Debug for L2Cache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("L2Cache").finish_non_exhaustive()
     }
-}
-
-/// Entries of `unit` bytes in `bytes` (at least 4).
-fn cap(bytes: usize, unit: u64) -> NonZeroUsize {
-    NonZeroUsize::new((bytes / unit.max(1) as usize).max(4)).expect("at least 4")
 }
 
 impl L2Cache {
